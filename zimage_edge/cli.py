@@ -63,10 +63,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from quantize.artifact import load_model
+    from quantize.cli import trusted_keys
     from zimage_edge.model.generate import generate
-    from zimage_edge.model.loading import load_pipeline
 
-    loaded = load_pipeline(args.model, allow_download=args.allow_download)
+    loaded = load_model(args.model, trusted=trusted_keys(args.trusted_key), allow_download=args.allow_download)
     print(
         f"loaded {args.model} in {loaded.stats.seconds:.2f}s on {loaded.device} ({loaded.policy.dtype}); "
         f"rss +{loaded.stats.rss_delta / 2**20:.0f} MiB"
@@ -120,8 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1, help="images to draw (default 1)")
     gen.add_argument("--max-sequence-length", type=int, default=512, help="prompt tokens kept (default 512)")
     gen.add_argument("--allow-download", action="store_true", help="fetch a Hugging Face id not in the cache")
+    gen.add_argument(
+        "--trusted-key", action="append", help="public key (PEM); only artifacts it signed load (repeatable)"
+    )
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(handler=_cmd_generate)
+
+    from quantize.cli import register
+
+    register(sub)
     return parser
 
 
@@ -135,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"zimage-edge {args.command}: {exc}", file=sys.stderr)
         return 2
-    except (FileExistsError, FileNotFoundError) as exc:
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"zimage-edge {args.command}: {exc}", file=sys.stderr)
         return 1
     except RuntimeError as exc:  # ModelLoadError and other failures with a message for the user

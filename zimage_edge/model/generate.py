@@ -110,7 +110,8 @@ def generate_batch(
 
     started = time.perf_counter()
     check_cancel(0)
-    with torch.inference_mode():
+    # no_grad, not inference_mode: quanto int4 kernels are autograd Functions that reject inference tensors.
+    with torch.no_grad():
         prompt_embeds, negative_embeds = pipe.encode_prompt(
             prompt=prompts,
             negative_prompt=negatives if first.uses_cfg else None,

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 PIPELINE_COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
 WEIGHT_COMPONENTS = ("transformer", "text_encoder", "vae")
+# Quantized components carry this file beside their weights; diffusers cannot load them.
+QUANTIZATION_MAP_NAME = "quantization_map.json"
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -72,6 +74,7 @@ class LoadedPipeline:
     policy: DtypePolicy
     stats: LoadStats
     guard_handles: list[Any] = field(default_factory=list)
+    manifest: dict[str, Any] | None = None  # an artifact's manifest, as plain JSON data
 
     @property
     def device(self) -> str:
@@ -125,6 +128,26 @@ def _check_safetensors(path: Path) -> None:
         raise ModelLoadError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
+def _check_weight_component(path: Path, component: Path) -> None:
+    if (component / QUANTIZATION_MAP_NAME).is_file():
+        raise ModelLoadError(
+            f"{component} holds quantized weights: {path} is a zimage-edge artifact (or a partial one), "
+            "not a diffusers pipeline; load it as an artifact"
+        )
+    if not (component / "config.json").is_file():
+        raise ModelLoadError(f"{component / 'config.json'} is missing")
+    weights = sorted(component.glob("*.safetensors"))
+    if not weights:
+        raise ModelLoadError(f"{component} has no .safetensors weights")
+    for shard_index in component.glob("*.safetensors.index.json"):
+        shards = set(json.loads(shard_index.read_text()).get("weight_map", {}).values())
+        absent = sorted(s for s in shards if not (component / s).is_file())
+        if absent:
+            raise ModelLoadError(f"{shard_index} names missing shards: {', '.join(absent)}")
+    for weight in weights:
+        _check_safetensors(weight)
+
+
 def validate_pipeline_dir(path: Path) -> dict[str, Any]:
     """Check a diffusers Z-Image directory before loading it; returns ``model_index.json``."""
     index_file = path / "model_index.json"
@@ -144,19 +167,7 @@ def validate_pipeline_dir(path: Path) -> dict[str, Any]:
         if not component.is_dir():
             raise ModelLoadError(f"component directory {component} is missing")
     for name in WEIGHT_COMPONENTS:
-        component = path / name
-        if not (component / "config.json").is_file():
-            raise ModelLoadError(f"{component / 'config.json'} is missing")
-        weights = sorted(component.glob("*.safetensors"))
-        if not weights:
-            raise ModelLoadError(f"{component} has no .safetensors weights")
-        for shard_index in component.glob("*.safetensors.index.json"):
-            shards = set(json.loads(shard_index.read_text()).get("weight_map", {}).values())
-            absent = sorted(s for s in shards if not (component / s).is_file())
-            if absent:
-                raise ModelLoadError(f"{shard_index} names missing shards: {', '.join(absent)}")
-        for weight in weights:
-            _check_safetensors(weight)
+        _check_weight_component(path, path / name)
     return index
 
 

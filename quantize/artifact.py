@@ -1,0 +1,386 @@
+"""Building, verifying and loading artifacts.
+
+An artifact is a directory::
+
+    manifest.json  manifest.sig (optional)  model_index.json
+    transformer/   config.json  model-00001.safetensors ...  model.safetensors.index.json  quantization_map.json
+    text_encoder/  (same)
+    vae/           (same; never quantized)
+    tokenizer/  scheduler/
+
+It is assembled in a hidden sibling directory (``.NAME.partial-*``), loaded back for the quality gate,
+hashed into the manifest, signed, verified once more and only then renamed into place. A partial
+directory has no manifest, so nothing loads it; the next build of the same target removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from safetensors.torch import load_file
+
+from quantize import quality as q
+from quantize.backend import BACKENDS, DEFAULT_BACKEND, QuantBackend
+from quantize.components import build_skeleton, component_class, restore_nonpersistent
+from quantize.manifest import (
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    ArtifactError,
+    ComponentInfo,
+    Manifest,
+    QualityReport,
+    SourceInfo,
+    ToolInfo,
+    hash_tree,
+    now_iso,
+    read_manifest,
+    tree_digest,
+    verify_files,
+)
+from quantize.planner import PLACEMENT_ORDER, Workload, estimate, placement_bytes
+from quantize.signing import sign_bytes, verify_signature
+from quantize.specs import ComponentSpec, ModelSpec
+from quantize.streaming import (
+    DEFAULT_MAX_SHARD_BYTES,
+    QUANT_MAP,
+    WEIGHTS_INDEX,
+    ComponentResult,
+    SourceWeights,
+    count_units,
+    quantize_component,
+)
+from quantize.variants import VariantRecipe
+from zimage_edge import __version__
+from zimage_edge.device import DeviceFacts, DtypePolicy, detect_device, dtype_policy, torch_device
+from zimage_edge.model.loading import LoadedPipeline, LoadStats, load_pipeline, resolve_source, validate_pipeline_dir
+
+log = logging.getLogger(__name__)
+
+WEIGHT_COMPONENTS = ("transformer", "text_encoder", "vae")
+COPIED_COMPONENTS = ("tokenizer", "scheduler")
+PARTIAL_MARK = ".partial-"
+
+# Called with (component, units done in it, units in it).
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    quality: q.QualitySpec | None = field(default_factory=q.QualitySpec)  # None: skip the gate (needs force)
+    force: bool = False
+    sign_key: Ed25519PrivateKey | None = None
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    backend: str = DEFAULT_BACKEND
+    facts: DeviceFacts | None = None  # where the quality gate runs (default: detected)
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("torch", "diffusers", "transformers", "optimum-quanto", "safetensors"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def _source_info(source: str, path: Path) -> SourceInfo:
+    entries = hash_tree(path, skip=frozenset())
+    # Hugging Face cache snapshots live in .../snapshots/<commit>/.
+    revision = path.name if path.parent.name == "snapshots" else None
+    return SourceInfo(id=source, revision=revision, sha256=tree_digest(entries))
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove partial directories left by interrupted builds of ``out``."""
+    removed = []
+    for stale in out.parent.glob(f".{out.name}{PARTIAL_MARK}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+        removed.append(stale)
+    return removed
+
+
+def _planner_prediction(model: ModelSpec, variant: VariantRecipe, dtype: str) -> dict[str, Any]:
+    workload = Workload(1024, 1024, 1)
+    est = estimate(model, variant, dtype, workload)
+    return {
+        "workload": {"width": workload.width, "height": workload.height, "batch": workload.batch},
+        "dtype": dtype,
+        "weights_bytes": est.weights,
+        "activation_bytes": est.activations,
+        "peak_device_bytes": {str(p): placement_bytes(est, p)[0] for p in PLACEMENT_ORDER},
+    }
+
+
+def build_artifact(
+    source: str | Path,
+    variant: VariantRecipe,
+    out: Path,
+    options: BuildOptions | None = None,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Quantize ``source`` with ``variant`` into the artifact directory ``out``."""
+    options = options or BuildOptions()
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose another output or remove it")
+    if options.quality is None and not options.force:
+        raise ValueError("skipping the quality gate requires force: the manifest would have no quality")
+    backend = BACKENDS[options.backend]
+    src = resolve_source(source)
+    validate_pipeline_dir(src)
+    storage_dtype = getattr(torch, variant.storage_dtype)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=out.parent))
+    try:
+        shutil.copy2(src / "model_index.json", tmp / "model_index.json")
+        for name in COPIED_COMPONENTS:
+            shutil.copytree(src / name, tmp / name)
+        results: dict[str, ComponentResult] = {}
+        for name in WEIGHT_COMPONENTS:
+            results[name] = _quantize_one(
+                src,
+                tmp,
+                name,
+                variant=variant,
+                storage_dtype=storage_dtype,
+                backend=backend,
+                options=options,
+                progress=progress,
+            )
+        spec = _spec_from_results(src, results)
+        quality = _quality_gate(src, tmp, variant, options)
+        files = hash_tree(tmp)
+        manifest = Manifest(
+            model_id=str(source),
+            source=_source_info(str(source), src),
+            variant=variant.to_dict(),
+            components={
+                name: ComponentInfo(
+                    params=r.params,
+                    quantized_params=r.quantized_params,
+                    qtype=str(variant.component(name).qtype) if variant.component(name).qtype else None,
+                    bytes=sum(files[f"{name}/{f}"].size for f in r.files if f.endswith(".safetensors")),
+                    bf16_bytes=r.params * 2,
+                )
+                for name, r in results.items()
+            },
+            files=files,
+            planner=_planner_prediction(spec, variant, "bfloat16"),
+            quality=quality,
+            tool=ToolInfo(version=__version__, libraries=_library_versions()),
+            created_at=now_iso(),
+        )
+        data = manifest.canonical_bytes()
+        (tmp / MANIFEST_NAME).write_bytes(data)
+        trusted: list[Ed25519PublicKey] = []
+        if options.sign_key is not None:
+            (tmp / SIGNATURE_NAME).write_bytes(sign_bytes(data, options.sign_key))
+            trusted = [options.sign_key.public_key()]
+        verify_artifact(tmp, trusted)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _quantize_one(
+    src: Path,
+    tmp: Path,
+    name: str,
+    *,
+    variant: VariantRecipe,
+    storage_dtype: torch.dtype,
+    backend: QuantBackend,
+    options: BuildOptions,
+    progress: Progress | None,
+) -> ComponentResult:
+    library, class_name = component_class(src, name)
+    skeleton = build_skeleton(src / name, library, class_name, storage_dtype)
+    (tmp / name).mkdir()
+    shutil.copy2(src / name / "config.json", tmp / name / "config.json")
+    total = count_units(skeleton)
+    done = 0
+
+    def on_unit(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(name, done, total)
+
+    result = quantize_component(
+        SourceWeights(src / name),
+        skeleton,
+        variant.component(name),
+        storage_dtype=storage_dtype,
+        out_dir=tmp / name,
+        backend=backend,
+        max_shard_bytes=options.max_shard_bytes,
+        on_unit=on_unit,
+    )
+    if result.ignored_source_keys:
+        log.warning("%s: source tensors not used by %s: %s", name, class_name, result.ignored_source_keys[:10])
+    return result
+
+
+def _spec_from_results(src: Path, results: dict[str, ComponentResult]) -> ModelSpec:
+    def cfg(name: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((src / name / "config.json").read_text())
+        return data
+
+    def comp(name: str) -> ComponentSpec:
+        r = results[name]
+        return ComponentSpec(r.params, r.quantized_params, 0)
+
+    return ModelSpec(
+        name=str(src),
+        transformer=comp("transformer"),
+        text_encoder=comp("text_encoder"),
+        vae=comp("vae"),
+        transformer_dim=int(cfg("transformer")["dim"]),
+        text_hidden=int(cfg("text_encoder")["hidden_size"]),
+        text_layers=int(cfg("text_encoder")["num_hidden_layers"]),
+        vae_full_res_channels=int(cfg("vae")["block_out_channels"][0]),
+    )
+
+
+def _quality_gate(src: Path, tmp: Path, variant: VariantRecipe, options: BuildOptions) -> QualityReport:
+    if options.quality is None:
+        return QualityReport(status="not_measured_forced", reason="quality gate skipped with force")
+    facts = options.facts or detect_device()
+    policy = dtype_policy(facts)
+    # One pipeline in memory at a time: the reference's samples are kept, the pipeline is dropped.
+    reference = load_pipeline(src, facts=facts, policy=policy)
+    ref_samples = q.run_samples(reference.pipe, options.quality)
+    del reference
+    candidate = load_components(tmp, facts, policy)
+    cand_samples = q.run_samples(candidate, options.quality)
+    del candidate
+    comparison = q.compare(ref_samples, cand_samples)
+    return q.report(comparison, options.quality, variant.thresholds, policy.dtype, forced=options.force)
+
+
+def verify_artifact(root: Path, trusted: list[Ed25519PublicKey] | None = None) -> tuple[Manifest, str | None]:
+    """Hashes of every file, no unlisted file, and the signature when trusted keys are given."""
+    manifest, raw = read_manifest(root)
+    key = verify_signature(root, raw, trusted) if trusted else None
+    verify_files(root, manifest)
+    return manifest, key
+
+
+def _load_component(root: Path, name: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    directory = root / name
+    index_path = directory / WEIGHTS_INDEX
+    if not index_path.is_file():
+        raise ArtifactError(f"{index_path} is missing")
+    index = json.loads(index_path.read_text())
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        state.update(load_file(str(directory / shard)))
+    # Scales and unquantized tensors take the compute dtype; fp8 and integer payloads stay as stored.
+    state = {
+        k: (v.to(dtype) if v.dtype in (torch.float32, torch.bfloat16, torch.float16) else v) for k, v in state.items()
+    }
+    qmap = json.loads((directory / QUANT_MAP).read_text())
+    library, class_name = component_class(root, name)
+    module = build_skeleton(directory, library, class_name, dtype)
+    BACKENDS[DEFAULT_BACKEND].requantize(module, state, qmap, device)
+    expected = set(module.state_dict().keys())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ArtifactError(f"{directory}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+    restore_nonpersistent(module, device)
+    module.eval()
+    return module
+
+
+def load_components(root: Path, facts: DeviceFacts, policy: DtypePolicy) -> Any:
+    """Assemble a ``ZImagePipeline`` from an artifact's directories (no verification: see load_artifact)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from transformers import AutoTokenizer
+
+    from zimage_edge.model.guard import install_fp16_guard
+
+    dtype = getattr(torch, policy.dtype)
+    device = torch.device(torch_device(facts))
+    modules = {name: _load_component(root, name, dtype, device) for name in WEIGHT_COMPONENTS}
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
+        tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
+        **modules,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if policy.fp16_guard:
+        install_fp16_guard(pipe.transformer)
+        install_fp16_guard(pipe.text_encoder)
+    return pipe
+
+
+def load_artifact(
+    root: Path,
+    *,
+    facts: DeviceFacts | None = None,
+    policy: DtypePolicy | None = None,
+    trusted: list[Ed25519PublicKey] | None = None,
+) -> LoadedPipeline:
+    """Verify an artifact (hashes, and signature when keys are trusted), then load it ready to generate."""
+    import psutil
+
+    root = Path(root)
+    facts = facts or detect_device()
+    policy = policy or dtype_policy(facts)
+    started = time.perf_counter()
+    rss_before = psutil.Process().memory_info().rss
+    manifest, _key = verify_artifact(root, trusted)
+    pipe = load_components(root, facts, policy)
+    stats = LoadStats(
+        seconds=time.perf_counter() - started, rss_before=rss_before, rss_after=psutil.Process().memory_info().rss
+    )
+    log.info("model_loaded", extra={"event": "model_loaded", "source": str(root), **stats.to_dict()})
+    return LoadedPipeline(
+        pipe=pipe,
+        source=str(root),
+        path=root,
+        facts=facts,
+        policy=policy,
+        stats=stats,
+        manifest=manifest.model_dump(mode="json"),
+    )
+
+
+def is_artifact(path: Path) -> bool:
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def load_model(
+    source: str | Path,
+    *,
+    facts: DeviceFacts | None = None,
+    trusted: list[Ed25519PublicKey] | None = None,
+    allow_download: bool = False,
+) -> LoadedPipeline:
+    """Load an artifact or a plain diffusers pipeline; with trusted keys only signed artifacts load."""
+    path = Path(str(source)).expanduser()
+    if path.is_dir() and is_artifact(path):
+        return load_artifact(path, facts=facts, trusted=trusted)
+    if trusted:
+        raise ArtifactError(f"{source} is not a signed artifact, and trusted keys are configured")
+    if path.is_dir() and PARTIAL_MARK in path.name:
+        raise ArtifactError(f"{path} is an incomplete artifact (an interrupted build)")
+    return load_pipeline(source, facts=facts, allow_download=allow_download)
