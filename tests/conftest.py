@@ -30,3 +30,48 @@ def tiny_loaded(tiny_model_dir: Path):
     from zimage_edge.model.loading import load_pipeline
 
     return load_pipeline(tiny_model_dir, facts=CPU_FACTS)
+
+
+@pytest.fixture(scope="session")
+def medium_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from zimage_edge.model.toy import save_toy_model
+
+    return save_toy_model(tmp_path_factory.mktemp("models") / "medium", size="medium", seed=0)
+
+
+class ArtifactFactory:
+    """Builds each (model, variant) artifact once per session; tests copy before they damage one."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.built: dict[tuple[str, str], Path] = {}
+
+    def get(self, source: Path, variant: str, *, sign_key=None) -> Path:
+        from quantize.artifact import BuildOptions, build_artifact
+        from quantize.quality import QualitySpec
+        from quantize.variants import get_variant
+
+        key = (str(source), variant + ("-signed" if sign_key else ""))
+        if key not in self.built:
+            out = self.root / f"{source.name}-{key[1]}"
+            options = BuildOptions(
+                quality=QualitySpec(prompts=("a red circle on a blue background",), width=64, height=64),
+                sign_key=sign_key,
+                facts=CPU_FACTS,
+            )
+            build_artifact(source, get_variant(variant), out, options)
+            self.built[key] = out
+        return self.built[key]
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> ArtifactFactory:
+    return ArtifactFactory(tmp_path_factory.mktemp("artifacts"))
+
+
+@pytest.fixture(scope="session")
+def signing_keys(tmp_path_factory: pytest.TempPathFactory):
+    from quantize.signing import generate_keypair, load_private_key, load_public_key
+
+    private, public = generate_keypair(tmp_path_factory.mktemp("keys"))
+    return load_private_key(private), load_public_key(public), public

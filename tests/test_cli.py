@@ -54,7 +54,8 @@ def test_toy_model_refuses_existing_dir(tmp_path: Path, capsys: pytest.CaptureFi
 def test_torch_free_modules_do_not_import_torch() -> None:
     # The fleet controller and protocol reuse these contracts on nodes without the model stack.
     code = (
-        "import sys; import zimage_edge.cli, zimage_edge.device, zimage_edge.request, fleet; "
+        "import sys; import zimage_edge.cli, zimage_edge.device, zimage_edge.request, fleet, quantize.cli, "
+        "quantize.manifest, quantize.signing, quantize.planner, quantize.profiles, quantize.specs; "
         "zimage_edge.cli.build_parser(); assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -128,12 +128,7 @@ def _check_safetensors(path: Path) -> None:
         raise ModelLoadError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
-def _check_weight_component(path: Path, component: Path) -> None:
-    if (component / QUANTIZATION_MAP_NAME).is_file():
-        raise ModelLoadError(
-            f"{component} holds quantized weights: {path} is a zimage-edge artifact (or a partial one), "
-            "not a diffusers pipeline; load it as an artifact"
-        )
+def _check_weight_component(component: Path) -> None:
     if not (component / "config.json").is_file():
         raise ModelLoadError(f"{component / 'config.json'} is missing")
     weights = sorted(component.glob("*.safetensors"))
@@ -162,12 +157,18 @@ def validate_pipeline_dir(path: Path) -> dict[str, Any]:
     missing = [name for name in PIPELINE_COMPONENTS if name not in index]
     if missing:
         raise ModelLoadError(f"{index_file} lacks components: {', '.join(missing)}")
+    for name in WEIGHT_COMPONENTS:
+        if (path / name / QUANTIZATION_MAP_NAME).is_file():
+            raise ModelLoadError(
+                f"{path / name} holds quantized weights: {path} is a zimage-edge artifact (or a partial one), "
+                "not a diffusers pipeline; load it as an artifact"
+            )
     for name in PIPELINE_COMPONENTS:
         component = path / name
         if not component.is_dir():
             raise ModelLoadError(f"component directory {component} is missing")
     for name in WEIGHT_COMPONENTS:
-        _check_weight_component(path, path / name)
+        _check_weight_component(path / name)
     return index
 
 
