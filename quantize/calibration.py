@@ -1,9 +1,8 @@
 """Every constant of the planner's memory model, each with where it came from.
 
-Two kinds of numbers live here: counts derived from the architecture (how many tensors are alive at
-once) and allowances for the runtime. ``benchmarks/planner_calibration.py`` measures the activation
-factors of a model on the device it runs on and prints them next to these values; replace a number
-only with such a measurement behind it.
+Two kinds of numbers live here: activation factors measured by ``benchmarks/planner_calibration.py``
+(results in ``benchmarks/results/``), and allowances for the runtime. Run the benchmark on a device
+and replace a factor only with such a measurement behind it.
 """
 
 from __future__ import annotations
@@ -18,19 +17,21 @@ CUDA_CONTEXT_BYTES = int(0.5 * GIB)
 HEADROOM_FRACTION = 0.06
 
 # Transformer activations at the peak of one block, per token and per model-dim element, in units of
-# the compute dtype. Counted from the block: x, norm(x), q/k/v, attention output and the 8/3-wide
-# SwiGLU (w1, w3, product) = 1 + 1 + 3 + 1 + 3 * 8/3 = 14 live tensors, plus the adaLN-modulated copy
-# and the residual = 16. Assumes fused SDPA (flash / memory-efficient), never the tokens^2 matrix.
-TRANSFORMER_ACT_FACTOR = 16.0
+# the compute dtype. Counting the block's live tensors (x, norm(x), q/k/v, attention output, the
+# 8/3-wide SwiGLU, the adaLN-modulated copy, the residual) gives ~16; measured with
+# benchmarks/planner_calibration.py (CPU, fp32, 60 M-param toy of the real architecture, fused
+# attention): 22.9 between 512 and 1024 px, 19.2 between 1024 and 2048 px. We use the higher.
+TRANSFORMER_ACT_FACTOR = 23.0
 
 # Prompt tokens the transformer sees: the templated prompt, padded to a multiple of 32 after the
 # max_sequence_length padding is dropped. 256 covers prompts up to ~230 tokens.
 CAPTION_TOKENS = 256
 
-# VAE decode, per output pixel and per channel of the decoder's full-resolution stage: GroupNorm in
-# and out, two conv outputs, the residual and the upsampled input (6 tensors), doubled for conv
-# workspaces = 12. For the Flux VAE (128 channels) at 1024x1024 in bf16 this gives 3 GiB.
-VAE_ACT_FACTOR = 12.0
+# VAE decode, per output pixel and per channel of the decoder's full-resolution stage. Measured with
+# benchmarks/planner_calibration.py (CPU, fp32, toy VAE with the real block structure): 4.6 between
+# 512 and 1024 px, 5.0 between 1024 and 2048 px; +20% for GPU conv workspaces, which the CPU run
+# cannot see. For the Flux VAE (128 channels) at 1024x1024 in bf16 this is 1.5 GiB.
+VAE_ACT_FACTOR = 6.0
 
 # Text encoder: the pipeline asks for every hidden state (it uses the second to last), so
 # (layers + 1) tensors of (tokens x hidden) stay alive, plus ~8 for the running layer (q/k/v,

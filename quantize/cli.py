@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         workload = Workload(width=width, height=height, batch=args.batch, cfg=args.cfg)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    console = Console()
+    # Tables stay readable when piped (rich would fall back to 80 columns).
+    console = Console(width=None if sys.stdout.isatty() else 120)
     results = [plan(profile, workload) for profile in profiles]
     if args.json:
         print(json.dumps([_plan_json(p) for p in results], indent=2))
@@ -222,7 +224,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     qz.add_argument("--min-psnr", type=float, help="override the variant's minimum PSNR (dB)")
     qz.add_argument("--min-ssim", type=float, help="override the variant's minimum SSIM")
     qz.add_argument("--max-latent-rel-l2", type=float, help="override the variant's maximum latent distance")
-    qz.add_argument("--max-shard-mb", type=int, default=2048, help="largest weight file in MiB (default 2048)")
+    qz.add_argument("--max-shard-mb", type=int, default=1024, help="largest weight file in MiB (default 1024)")
     qz.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     qz.set_defaults(handler=_cmd_quantize)
 

@@ -13,21 +13,21 @@ GB = 1e9
 # (profile, resolution) -> (variant, placement), for the real Z-Image-Turbo.
 EXPECTED = {
     ("jetson-orin-nano-8gb", 512): ("int4-te8", Placement.TE_FREED),
-    ("jetson-orin-nano-8gb", 1024): None,
+    ("jetson-orin-nano-8gb", 1024): ("int4-te8", Placement.TE_FREED),
     ("jetson-orin-nx-16gb", 512): ("int8-te8", Placement.RESIDENT),
-    ("jetson-orin-nx-16gb", 1024): ("int4-te8", Placement.RESIDENT),
+    ("jetson-orin-nx-16gb", 1024): ("int8-te8", Placement.RESIDENT),
     ("jetson-agx-orin-32gb", 512): ("bf16", Placement.RESIDENT),
     ("jetson-agx-orin-32gb", 1024): ("bf16", Placement.RESIDENT),
     ("jetson-agx-orin-64gb", 512): ("bf16", Placement.RESIDENT),
     ("jetson-agx-orin-64gb", 1024): ("bf16", Placement.RESIDENT),
     ("t4-16gb", 512): ("int8-te8", Placement.RESIDENT),
     ("t4-16gb", 1024): ("int8-te8", Placement.RESIDENT),
-    ("rtx3060-12gb", 512): ("int4-te8", Placement.RESIDENT),
+    ("rtx3060-12gb", 512): ("int8-te8", Placement.RESIDENT),
     ("rtx3060-12gb", 1024): ("int4-te8", Placement.RESIDENT),
     ("l4-24gb", 512): ("bf16", Placement.RESIDENT),
-    ("l4-24gb", 1024): ("int8", Placement.RESIDENT),
+    ("l4-24gb", 1024): ("bf16", Placement.RESIDENT),
     ("a10-24gb", 512): ("bf16", Placement.RESIDENT),
-    ("a10-24gb", 1024): ("int8", Placement.RESIDENT),
+    ("a10-24gb", 1024): ("bf16", Placement.RESIDENT),
     ("cpu", 512): ("int8", Placement.RESIDENT),
     ("cpu", 1024): ("int8", Placement.RESIDENT),
 }
@@ -49,11 +49,11 @@ def test_every_profile_is_covered() -> None:
 
 
 def test_nothing_fits_is_a_clear_answer() -> None:
-    result = plan(get_profile("jetson-orin-nano-8gb"), Workload(1024, 1024))
+    result = plan(get_profile("jetson-orin-nano-8gb"), Workload(1024, 1024, batch=2))
     assert result.choice is None
     assert not any(r.fits for r in result.rows)
     text = result.explain()
-    assert text.startswith("nothing fits Jetson Orin Nano 8 GB at 1024x1024")
+    assert text.startswith("nothing fits Jetson Orin Nano 8 GB at 1024x1024 batch 2")
     assert "closest: int4-te8/te_freed, short" in text
 
 

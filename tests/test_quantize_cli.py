@@ -70,7 +70,7 @@ def test_plan_outputs(capsys: pytest.CaptureFixture[str]) -> None:
     data = json.loads(capsys.readouterr().out)
     assert {d["profile"] for d in data} >= {"t4-16gb", "l4-24gb", "jetson-orin-nano-8gb"}
     assert all(d["choice"] is not None for d in data)
-    assert cli.main(["plan", "--device", "jetson-orin-nano-8gb"]) == 0
+    assert cli.main(["plan", "--device", "jetson-orin-nano-8gb", "--batch", "2"]) == 0
     assert "nothing fits" in capsys.readouterr().out
     assert cli.main(["plan", "--device", "no-such-gpu"]) == 2
     assert "unknown device profile" in capsys.readouterr().err
