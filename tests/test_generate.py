@@ -69,9 +69,9 @@ def test_cancellation_stops_within_one_step(tiny_loaded, counters) -> None:
 
     with pytest.raises(GenerationCancelled) as info:
         generate(tiny_loaded.pipe, REQUEST, on_step=on_step, cancel=cancel)
-    assert info.value.step == 4
-    # The event was set during step 3; the callback after step 4 is the next check.
-    assert counters["transformer"].calls <= 4
+    # The event was set while step 3 reported progress; the check right after it stops the loop.
+    assert info.value.step == 3
+    assert counters["transformer"].calls == 3
     assert counters["decoder"].calls == 0
 
 
@@ -114,3 +114,39 @@ def test_random_seed_when_none_given(tiny_loaded) -> None:
     request = REQUEST.model_copy(update={"seed": None, "num_images": 2})
     result = generate(tiny_loaded.pipe, request)
     assert result.seeds[1] == result.seeds[0] + 1
+
+
+def test_one_cancelled_request_leaves_the_batch_and_the_others_go_on(tiny_loaded, counters) -> None:
+    a = REQUEST
+    b = REQUEST.model_copy(update={"prompt": "a blue square", "seed": 50, "num_images": 2})
+    c = REQUEST.model_copy(update={"prompt": "a white circle", "seed": 60})
+    alone = generate(tiny_loaded.pipe, c)
+    counters["transformer"].batches.clear()
+    events = [threading.Event(), threading.Event(), None]
+
+    def on_step(done: int, _total: int) -> None:
+        if done == 2:
+            events[1].set()  # the client of request b went away during step 2
+
+    results = generate_batch(tiny_loaded.pipe, [a, b, c], on_step=on_step, cancels=events)
+    # b's two rows leave after step 2: 4 rows for two steps, then 2 rows.
+    assert counters["transformer"].batches == [4, 4] + [2] * 6
+    assert [r.cancelled for r in results] == [False, True, False]
+    assert results[1].images == []
+    assert len(results[0].images) == len(results[2].images) == 1
+    diff = np.abs(np.asarray(alone.images[0], np.int16) - np.asarray(results[2].images[0], np.int16))
+    assert diff.max() <= 2
+
+
+def test_all_requests_cancelled_stops_the_batch(tiny_loaded, counters) -> None:
+    events = [threading.Event(), threading.Event()]
+    b = REQUEST.model_copy(update={"seed": 99})
+
+    def on_step(done: int, _total: int) -> None:
+        for event in events:
+            event.set()
+
+    with pytest.raises(GenerationCancelled):
+        generate_batch(tiny_loaded.pipe, [REQUEST, b], on_step=on_step, cancels=events)
+    assert counters["transformer"].calls <= 2
+    assert counters["decoder"].calls == 0

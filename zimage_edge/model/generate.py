@@ -5,7 +5,9 @@ separate budget on small devices). Every image has its own CPU generator seeded 
 image is the same whether it is drawn alone or inside a micro-batch, and on any device.
 
 Cancellation is cooperative: the pipeline calls back after every denoising step, and the callback
-raises ``GenerationCancelled`` when the caller's event is set, so work stops within one step.
+raises ``GenerationCancelled`` when the caller's event is set, so work stops within one step. In a
+micro-batch each request may have its own event: a cancelled request's rows leave the batch at the
+next step (without CFG; with CFG the rows stay and their result is dropped) while the others go on.
 This is blocking work: callers on an event loop run it in their executor.
 """
 
@@ -65,6 +67,7 @@ class GenerationResult:
     seeds: list[int]
     timings: Timings
     latents: torch.Tensor  # float32, CPU, (num_images, 16, H/8, W/8): what the quality gate compares
+    cancelled: bool = False  # left its micro-batch early; no images
 
 
 def resolve_seeds(request: GenerationRequest) -> list[int]:
@@ -84,29 +87,49 @@ def generate_batch(
     *,
     on_step: ProgressFn | None = None,
     cancel: threading.Event | None = None,
+    cancels: Sequence[threading.Event | None] | None = None,
 ) -> list[GenerationResult]:
-    """Run compatible requests (equal ``batch_key``) as one pipeline call."""
+    """Run compatible requests (equal ``batch_key``) as one pipeline call.
+
+    ``cancel`` stops the whole batch (``GenerationCancelled``); ``cancels`` has one optional event per
+    request and removes just that request (its result comes back with ``cancelled=True``). When every
+    request is cancelled the batch stops.
+    """
     if not requests:
         return []
     key = requests[0].batch_key()
     if any(r.batch_key() != key for r in requests):
         raise ValueError("requests in one batch must share width, height, steps, guidance and max_sequence_length")
+    if cancels is not None and len(cancels) != len(requests):
+        raise ValueError("cancels needs one entry per request")
     first = requests[0]
     seeds = [resolve_seeds(r) for r in requests]
     prompts = [r.prompt for r in requests for _ in range(r.num_images)]
     negatives = [r.negative_prompt for r in requests for _ in range(r.num_images)]
     generators = [torch.Generator("cpu").manual_seed(s) for group in seeds for s in group]
+    # rows[i] is the request index of latent row i; rows leave when their request is cancelled.
+    rows = [index for index, r in enumerate(requests) for _ in range(r.num_images)]
     device = pipe._execution_device
 
+    def cancelled_requests() -> set[int]:
+        if cancels is None:
+            return set()
+        return {i for i, event in enumerate(cancels) if event is not None and event.is_set()}
+
     def check_cancel(step: int) -> None:
-        if cancel is not None and cancel.is_set():
+        if (cancel is not None and cancel.is_set()) or len(cancelled_requests()) == len(requests):
             raise GenerationCancelled(step, first.steps)
 
-    def step_end(_pipe: Any, index: int, _timestep: Any, _tensors: dict[str, Any]) -> dict[str, Any]:
-        check_cancel(index + 1)
+    def step_end(_pipe: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         if on_step is not None:
             on_step(index + 1, first.steps)
-        return {}
+        check_cancel(index + 1)
+        dead = cancelled_requests()
+        keep = [k for k, owner in enumerate(rows) if owner not in dead]
+        if len(keep) == len(rows) or first.uses_cfg:
+            return {}
+        rows[:] = [rows[k] for k in keep]
+        return {"latents": tensors["latents"][keep], "prompt_embeds": [tensors["prompt_embeds"][k] for k in keep]}
 
     started = time.perf_counter()
     check_cancel(0)
@@ -132,12 +155,15 @@ def generate_batch(
             generator=generators,
             output_type="latent",
             callback_on_step_end=step_end,
+            callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
             max_sequence_length=first.max_sequence_length,
         ).images
         _sync(device)
         denoised = time.perf_counter()
         check_cancel(first.steps)
-        images = decode_latents(pipe, latents)
+        dead = cancelled_requests()
+        live = [k for k, owner in enumerate(rows) if owner not in dead]
+        images = decode_latents(pipe, latents[live]) if live else []
         _sync(device)
     finished = time.perf_counter()
 
@@ -150,20 +176,20 @@ def generate_batch(
         batch_images=len(prompts),
     )
     final = latents.detach().float().cpu()
+    live_rows = [rows[k] for k in live]
     results = []
-    offset = 0
-    for request, group in zip(requests, seeds, strict=True):
-        count = len(group)
+    for index, (request, group) in enumerate(zip(requests, seeds, strict=True)):
+        picks = [j for j, owner in enumerate(live_rows) if owner == index]
         results.append(
             GenerationResult(
                 request=request,
-                images=images[offset : offset + count],
+                images=[images[j] for j in picks],
                 seeds=group,
                 timings=timings,
-                latents=final[offset : offset + count],
+                latents=final[[live[j] for j in picks]],
+                cancelled=index in dead,
             )
         )
-        offset += count
     return results
 
 
