@@ -127,9 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(handler=_cmd_generate)
 
-    from quantize.cli import register
+    from edge_agent.cli import register as register_agent
+    from quantize.cli import register as register_quantize
 
-    register(sub)
+    register_quantize(sub)
+    register_agent(sub)
     return parser
 
 

@@ -1,0 +1,163 @@
+"""Request and response bodies of the three APIs, as pydantic models (they also make /openapi.json).
+
+Each API's request turns into the one ``GenerationRequest`` contract; then the site's guard applies
+(size and image limits, prompt length, deny-list), still before any model work.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+
+from edge_agent.errors import ApiError, from_validation
+from edge_agent.settings import GuardSettings
+from zimage_edge.request import MAX_IMAGES, GenerationRequest
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class NativeGenerate(GenerationRequest):
+    """``POST /v1/generate``: the generation request plus how to answer."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
+
+    num_images: int = Field(
+        default=1, ge=1, le=MAX_IMAGES, validation_alias=AliasChoices("n", "num_images"), description="images to draw"
+    )
+    output_format: OutputFormat = Field(default="png", description="image encoding")
+    stream: bool = Field(default=False, description="answer with Server-Sent Events: one per step, then the result")
+
+    def generation(self) -> GenerationRequest:
+        return GenerationRequest.model_validate(self.model_dump(exclude={"output_format", "stream"}))
+
+
+class NativeImage(BaseModel):
+    b64: str = Field(description="the encoded image, base64")
+    seed: int = Field(description="the seed that drew it")
+
+
+class NativeResult(BaseModel):
+    id: str
+    model: str
+    images: list[NativeImage]
+    mime: str
+    timings: dict[str, float | int]
+    queue_wait_sec: float
+    cached: bool
+
+
+class OpenAIImagesRequest(BaseModel):
+    """``POST /v1/images/generations`` as the OpenAI Images API defines it (fields that apply here)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field(description="what to draw")
+    model: str | None = Field(default=None, description="ignored: the node serves its loaded model")
+    n: int = Field(default=1, ge=1, le=MAX_IMAGES, description="number of images")
+    size: str = Field(default="1024x1024", pattern=r"^\d+x\d+$", description="WIDTHxHEIGHT")
+    response_format: Literal["b64_json", "url"] = Field(default="b64_json", description="inline or by link")
+    output_format: OutputFormat = Field(default="png", description="image encoding")
+    quality: str | None = Field(default=None, description="accepted for compatibility; Turbo always runs 8 steps")
+    style: str | None = Field(default=None, description="accepted for compatibility; ignored")
+    user: str | None = Field(default=None, description="end-user id, logged")
+    seed: int | None = Field(default=None, ge=0, description="extension: a fixed seed")
+
+    def generation(self) -> GenerationRequest:
+        width, height = (int(v) for v in self.size.split("x"))
+        return GenerationRequest(prompt=self.prompt, width=width, height=height, num_images=self.n, seed=self.seed)
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+
+
+class A1111Txt2Img(BaseModel):
+    """``POST /sdapi/v1/txt2img`` as AUTOMATIC1111's web UI API defines it.
+
+    A1111 clients send dozens of fields (samplers, hires fix, scripts); the ones that have no meaning
+    for Z-Image-Turbo are accepted and ignored, so existing clients work unchanged.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    prompt: str = Field(description="what to draw")
+    negative_prompt: str = Field(default="", description="what to avoid (used when cfg_scale > 0)")
+    steps: int = Field(default=8, description="denoising steps")
+    cfg_scale: float = Field(default=0.0, description="guidance scale (Turbo: 0)")
+    width: int = Field(default=1024, description="pixels, multiple of 16")
+    height: int = Field(default=1024, description="pixels, multiple of 16")
+    seed: int = Field(default=-1, description="-1 for random")
+    batch_size: int = Field(default=1, description="images")
+    n_iter: int = Field(default=1, description="batches (multiplies batch_size)")
+
+    def generation(self) -> GenerationRequest:
+        return GenerationRequest(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            steps=self.steps,
+            guidance=float(self.cfg_scale),
+            width=self.width,
+            height=self.height,
+            seed=None if self.seed < 0 else self.seed,
+            num_images=self.batch_size * self.n_iter,
+        )
+
+    def ignored_fields(self) -> list[str]:
+        return sorted((self.model_extra or {}).keys())
+
+
+class A1111Response(BaseModel):
+    images: list[str]
+    parameters: dict[str, Any]
+    info: str
+
+
+class SwapRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, description="artifact or diffusers directory to load")
+
+
+def parse(model: type[BaseModel], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation(exc) from exc
+
+
+def to_generation(body: Any) -> GenerationRequest:
+    """The body's GenerationRequest; its validation errors become 422s naming the body's field."""
+    try:
+        request: GenerationRequest = body.generation()
+    except ValidationError as exc:
+        raise from_validation(exc) from exc
+    return request
+
+
+def apply_guard(request: GenerationRequest, guard: GuardSettings, deny: list[re.Pattern[str]]) -> None:
+    """The site's limits, stricter than the model's: 422 for sizes, 400 naming the rule for prompts."""
+    for name, value in (("width", request.width), ("height", request.height)):
+        if value > guard.max_side:
+            raise ApiError(422, "invalid_request", f"{name}: at most {guard.max_side} on this node", field=name)
+    if request.num_images > guard.max_images:
+        raise ApiError(
+            422, "invalid_request", f"n: at most {guard.max_images} images per request on this node", field="n"
+        )
+    for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+        if len(text) > guard.max_prompt_chars:
+            raise ApiError(
+                400, "prompt_rejected", f"{name}: longer than {guard.max_prompt_chars} characters (rule: length)",
+                field=name,
+            )  # fmt: skip
+    for pattern in deny:
+        if pattern.search(request.prompt):
+            raise ApiError(400, "prompt_rejected", f"prompt: matches the deny rule {pattern.pattern!r}", field="prompt")

@@ -1,0 +1,47 @@
+"""Errors as JSON: ``{"error": {"code", "message", "field"?}}`` with the right status."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, code: str, message: str, *, field: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+
+    def response(self) -> web.Response:
+        return error_response(self.status, self.code, self.message, field=self.field, headers=self.headers)
+
+
+def error_response(
+    status: int, code: str, message: str, *, field: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if field is not None:
+        body["field"] = field
+    return web.Response(
+        status=status, text=json.dumps({"error": body}), content_type="application/json", headers=headers
+    )
+
+
+def from_validation(exc: Exception, prefix: str = "") -> ApiError:
+    """A pydantic ValidationError as a 422 naming the first failing field."""
+    from pydantic import ValidationError
+
+    from zimage_edge.request import describe_validation_error
+
+    if not isinstance(exc, ValidationError):
+        return ApiError(422, "invalid_request", str(exc))
+    first = exc.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or None
+    return ApiError(422, "invalid_request", prefix + describe_validation_error(exc), field=field)

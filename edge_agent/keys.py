@@ -1,0 +1,26 @@
+"""Typed keys of the objects an app holds (no module-level globals)."""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+
+from edge_agent.auth import Authenticator
+from edge_agent.cache import ResultCache
+from edge_agent.images import ImageStore
+from edge_agent.metrics import Metrics
+from edge_agent.runner import ModelRunner
+from edge_agent.scheduler import Scheduler
+from edge_agent.settings import AgentSettings
+from edge_agent.state import AgentState
+
+SETTINGS = web.AppKey("settings", AgentSettings)
+METRICS = web.AppKey("metrics", Metrics)
+RUNNER = web.AppKey("runner", ModelRunner)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+STATE = web.AppKey("state", AgentState)
+CACHE = web.AppKey("cache", ResultCache)
+AUTH = web.AppKey("auth", Authenticator)
+IMAGES = web.AppKey("images", ImageStore)
+DENY = web.AppKey("deny", list[re.Pattern[str]])

@@ -1,0 +1,104 @@
+"""Health, readiness, metrics, models, usage, the admin model swap, the OpenAPI document, the web page."""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from edge_agent import service
+from edge_agent.api_models import SwapRequest, parse
+from edge_agent.errors import ApiError
+from edge_agent.keys import AUTH, METRICS, RUNNER, SETTINGS, STATE
+from edge_agent.openapi import openapi_document
+from edge_agent.routes_generate import read_json
+from edge_agent.swap import swap_model
+from quantize.manifest import ArtifactError
+from zimage_edge.model.loading import ModelLoadError
+
+routes = web.RouteTableDef()
+PAGE = web.AppKey("page", str)
+STARTED = time.time()
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.failed is not None:
+        return web.json_response({"status": "failed", "reason": state.reason()}, status=503)
+    return web.json_response({"status": "alive"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    status = 200 if state.ready else 503
+    return web.json_response({"status": state.reason()}, status=status)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    app_metrics = request.app[METRICS]
+    loaded = request.app[RUNNER].loaded
+    if loaded is not None and loaded.device == "cuda":
+        import torch
+
+        app_metrics.gpu_memory.set(torch.cuda.memory_allocated())
+    return web.Response(body=generate_latest(app_metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@routes.get("/v1/models")
+async def models(request: web.Request) -> web.Response:
+    """The loaded model in the OpenAI list format, with its manifest summary as extra fields."""
+    identity = request.app[RUNNER].identity
+    if not identity:
+        return web.json_response({"object": "list", "data": []})
+    entry = {
+        "id": identity["variant"],
+        "object": "model",
+        "created": int(STARTED),
+        "owned_by": "zimage-edge",
+        "node": request.app[SETTINGS].node_name,
+        "source": identity["id"],
+        **{k: identity.get(k) for k in ("variant", "dtype", "device", "artifact", "source_sha256", "quality")},
+        "components": identity.get("components"),
+    }
+    return web.json_response({"object": "list", "data": [entry]})
+
+
+@routes.get("/v1/usage")
+async def usage(request: web.Request) -> web.Response:
+    """Usage per key: an admin (or everyone, when auth is off) sees all keys, others their own."""
+    auth = request.app[AUTH]
+    name = service.caller(request)
+    everything = not request.app[SETTINGS].auth_enabled or request.get("zimage_admin", False)
+    data = {k: v.to_dict() for k, v in auth.usage.items() if everything or k == name}
+    return web.json_response({"usage": data})
+
+
+@routes.post("/admin/model")
+async def admin_model(request: web.Request) -> web.Response:
+    body: SwapRequest = parse(SwapRequest, await read_json(request))
+    if request.app[STATE].draining:
+        raise ApiError(503, "draining", "the node is draining; no swaps")
+    try:
+        result = await swap_model(request.app, body.model)
+    except (ModelLoadError, ArtifactError, FileNotFoundError, ValueError) as exc:
+        raise ApiError(422, "model_load_failed", f"{exc}; the previous model keeps serving", field="model") from exc
+    return web.json_response(result)
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+@routes.get("/")
+async def index(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[PAGE], content_type="text/html")
+
+
+def load_page() -> str:
+    return resources.files("edge_agent").joinpath("static/index.html").read_text(encoding="utf-8")

@@ -1,0 +1,173 @@
+"""The bounded queue and the loop that turns it into micro-batches for the runner.
+
+One batch runs at a time (one GPU). While it runs, new requests queue up, so the next batch is as
+full as the load allows. The loop sleeps until something arrives or the oldest request's batching
+window ends; ``pause``/``resume`` hold new batches back during a drain or a model swap (queued requests
+wait, they do not fail).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from edge_agent.batching import Pending, collate
+from edge_agent.metrics import Metrics
+from edge_agent.runner import JobOutput, ModelRunner, Work
+from edge_agent.settings import QueueSettings
+from zimage_edge.request import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("the queue is full")
+        self.retry_after = retry_after
+
+
+@dataclass(eq=False)
+class Job:
+    work: Work
+    future: asyncio.Future[JobOutput]
+    enqueued_at: float
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    started_at: float | None = None
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.work.request
+
+
+class Scheduler:
+    def __init__(
+        self, runner: ModelRunner, settings: QueueSettings, metrics: Metrics, clock: Clock = time.monotonic
+    ) -> None:
+        self.runner = runner
+        self.settings = settings
+        self.metrics = metrics
+        self.clock = clock
+        self.pending: list[Job] = []
+        self.running: list[Job] = []
+        self._wake = asyncio.Event()
+        self._paused = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._batch_seconds = 1.0  # moving average, for Retry-After
+        self._lock = asyncio.Lock()  # held while a batch runs: swaps take it to act between batches
+
+    # --- submitting ------------------------------------------------------------------------------
+
+    def submit(self, work: Work) -> Job:
+        if len(self.pending) >= self.settings.max_pending:
+            # Rough time until a slot frees: the batches ahead of a new request, at the recent pace.
+            batches_ahead = len(self.pending) / max(1, self.settings.max_batch) + 1
+            raise QueueFull(retry_after=max(1.0, batches_ahead * self._batch_seconds))
+        job = Job(work=work, future=asyncio.get_running_loop().create_future(), enqueued_at=self.clock())
+        self.pending.append(job)
+        self._idle.clear()
+        self.metrics.pending.set(len(self.pending))
+        self._wake.set()
+        return job
+
+    def withdraw(self, job: Job) -> None:
+        """Forget a job that has not started (its client left); a running one is cancelled instead."""
+        job.work.cancel.set()
+        if job in self.pending:
+            self.pending.remove(job)
+            job.future.cancel()
+            self.metrics.pending.set(len(self.pending))
+            self._update_idle()
+
+    def cancel_all(self) -> int:
+        """Cancel every queued and running job (end of a drain's grace period); returns how many."""
+        jobs = [*self.pending, *self.running]
+        for job in jobs:
+            self.withdraw(job)
+        return len(jobs)
+
+    # --- control ---------------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._wake.set()
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        return self._lock
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def _update_idle(self) -> None:
+        if not self.pending and not self.running:
+            self._idle.set()
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    async def run_forever(self) -> None:
+        while True:
+            timeout = None
+            if not self._paused and self.pending:
+                decision = collate(
+                    [Pending(j.request.batch_key(), j.request.num_images, j.enqueued_at) for j in self.pending],
+                    now=self.clock(),
+                    max_images=self.settings.max_batch,
+                    window=self.settings.batch_window_ms / 1000,
+                )
+                if decision.take:
+                    batch = [self.pending[i] for i in decision.take]
+                    for job in batch:
+                        self.pending.remove(job)
+                    self.metrics.pending.set(len(self.pending))
+                    await self._run_batch(batch)
+                    continue
+                timeout = None if decision.wake_at is None else max(0.0, decision.wake_at - self.clock())
+            self._wake.clear()
+            # A timeout means the oldest request's batching window ended: decide again.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _run_batch(self, batch: list[Job]) -> None:
+        live = [job for job in batch if not job.future.done() and not job.work.cancel.is_set()]
+        if not live:
+            self._update_idle()
+            return
+        now = self.clock()
+        for job in live:
+            job.started_at = now
+            self.metrics.queue_wait.observe(now - job.enqueued_at)
+        self.metrics.batch_size.observe(sum(j.request.num_images for j in live))
+        self.running = live
+        started = time.perf_counter()
+        try:
+            async with self._lock:
+                outputs = await self.runner.run([job.work for job in live])
+        except Exception as exc:  # a bug or a device failure: every job of the batch learns of it
+            log.exception("batch_failed", extra={"event": "batch_failed", "jobs": [j.id for j in live]})
+            outputs = [exc for _ in live]
+        finally:
+            self.running = []
+        elapsed = time.perf_counter() - started
+        self.metrics.generation_seconds.observe(elapsed)
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+        for job, output in zip(live, outputs, strict=True):
+            if job.future.done():
+                continue
+            if job.work.cancel.is_set():
+                job.future.cancel()  # its client is gone: nobody will read an answer
+            elif isinstance(output, BaseException):
+                job.future.set_exception(output)
+            else:
+                job.future.set_result(output)
+        self._update_idle()
