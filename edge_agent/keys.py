@@ -24,3 +24,7 @@ CACHE = web.AppKey("cache", ResultCache)
 AUTH = web.AppKey("auth", Authenticator)
 IMAGES = web.AppKey("images", ImageStore)
 DENY = web.AppKey("deny", list[re.Pattern[str]])
+
+# Per-request values left by the auth middleware.
+CALLER = web.RequestKey("caller", str)
+ADMIN = web.RequestKey("admin", bool)

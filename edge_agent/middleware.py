@@ -12,16 +12,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from edge_agent.errors import ApiError, error_response
-from edge_agent.keys import AUTH, METRICS, SETTINGS
+from edge_agent.keys import ADMIN, AUTH, CALLER, METRICS, SETTINGS
 from edge_agent.logs import request_id
-from edge_agent.service import CALLER
 
 log = logging.getLogger("edge_agent.access")
 
 # Paths anyone may call: probes, metrics (protect them with a NetworkPolicy), the page and its spec.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/", "/openapi.json"})
 ADMIN_PREFIX = "/admin/"
-ADMIN = "zimage_admin"
 _CLEAN_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -72,7 +70,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_")
-        return error_response(exc.status, code, exc.text or exc.reason, headers=dict(exc.headers))
+        # Keep headers that matter to the client (Allow on 405); the body becomes JSON.
+        headers = {k: v for k, v in exc.headers.items() if k.lower() not in {"content-type", "content-length"}}
+        return error_response(exc.status, code, exc.reason, headers=headers)
     except Exception:
         log.exception("unhandled", extra={"event": "unhandled_error", "path": request.path})
         return error_response(500, "internal_error", "internal error; see the agent's log for the request id")

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from edge_agent import service
 from edge_agent.api_models import SwapRequest, parse
 from edge_agent.errors import ApiError
-from edge_agent.keys import AUTH, METRICS, RUNNER, SETTINGS, STATE
+from edge_agent.keys import ADMIN, AUTH, METRICS, RUNNER, SETTINGS, STATE
 from edge_agent.openapi import openapi_document
 from edge_agent.routes_generate import read_json
 from edge_agent.swap import swap_model
@@ -73,7 +73,7 @@ async def usage(request: web.Request) -> web.Response:
     """Usage per key: an admin (or everyone, when auth is off) sees all keys, others their own."""
     auth = request.app[AUTH]
     name = service.caller(request)
-    everything = not request.app[SETTINGS].auth_enabled or request.get("zimage_admin", False)
+    everything = not request.app[SETTINGS].auth_enabled or request.get(ADMIN, False)
     data = {k: v.to_dict() for k, v in auth.usage.items() if everything or k == name}
     return web.json_response({"usage": data})
 

@@ -12,14 +12,12 @@ from aiohttp import web
 from edge_agent.api_models import apply_guard
 from edge_agent.cache import cache_key
 from edge_agent.errors import ApiError
-from edge_agent.keys import AUTH, CACHE, DENY, METRICS, RUNNER, SCHEDULER, SETTINGS, STATE
+from edge_agent.keys import AUTH, CACHE, CALLER, DENY, METRICS, RUNNER, SCHEDULER, SETTINGS, STATE
 from edge_agent.runner import JobOutput, OutOfMemory, Work
 from edge_agent.scheduler import Job, QueueFull
 from zimage_edge.model.generate import GenerationCancelled
 from zimage_edge.request import GenerationRequest
 
-# Key under which the auth middleware leaves the caller's key name on the request.
-CALLER = "zimage_caller"
 ANONYMOUS = "anonymous"
 
 StepFn = Callable[[int, int], None]

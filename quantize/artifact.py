@@ -352,7 +352,7 @@ def load_artifact(
     stats = LoadStats(
         seconds=time.perf_counter() - started, rss_before=rss_before, rss_after=psutil.Process().memory_info().rss
     )
-    log.info("model_loaded", extra={"event": "model_loaded", "source": str(root), **stats.to_dict()})
+    log.debug("artifact_loaded", extra={"event": "artifact_loaded", "source": str(root), **stats.to_dict()})
     return LoadedPipeline(
         pipe=pipe,
         source=str(root),

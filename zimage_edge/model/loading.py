@@ -221,7 +221,7 @@ def load_pipeline(
         gpu_allocated=torch.cuda.memory_allocated() if device == "cuda" else 0,
         gpu_peak=torch.cuda.max_memory_allocated() if device == "cuda" else 0,
     )
-    log.info("model_loaded", extra={"event": "model_loaded", "source": str(source), **stats.to_dict()})
+    log.debug("pipeline_loaded", extra={"event": "pipeline_loaded", "source": str(source), **stats.to_dict()})
     return LoadedPipeline(
         pipe=pipe, source=str(source), path=path, facts=facts, policy=policy, stats=stats, guard_handles=handles
     )
