@@ -60,6 +60,8 @@ class Scheduler:
         self._paused = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self._changed = asyncio.Condition()  # notified whenever the queue or the running batch changes
+        self._notifications: set[asyncio.Task[None]] = set()
         self._batch_seconds = 1.0  # moving average, for Retry-After
         self._lock = asyncio.Lock()  # held while a batch runs: swaps take it to act between batches
 
@@ -75,6 +77,7 @@ class Scheduler:
         self._idle.clear()
         self.metrics.pending.set(len(self.pending))
         self._wake.set()
+        self._notify()
         return job
 
     def withdraw(self, job: Job) -> None:
@@ -109,7 +112,22 @@ class Scheduler:
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Return once ``predicate()`` holds; it is re-checked whenever the queue changes."""
+        async with self._changed:
+            await self._changed.wait_for(predicate)
+
+    def _notify(self) -> None:
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        task = asyncio.get_running_loop().create_task(notify(), name="zimage-queue-changed")
+        self._notifications.add(task)
+        task.add_done_callback(self._notifications.discard)
+
     def _update_idle(self) -> None:
+        self._notify()
         if not self.pending and not self.running:
             self._idle.set()
 
@@ -149,6 +167,7 @@ class Scheduler:
             self.metrics.queue_wait.observe(now - job.enqueued_at)
         self.metrics.batch_size.observe(sum(j.request.num_images for j in live))
         self.running = live
+        self._notify()
         started = time.perf_counter()
         try:
             async with self._lock:
