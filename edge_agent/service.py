@@ -50,7 +50,7 @@ def admit(
     """Checks that need no model work; queues the job (or finds it in the cache)."""
     app = request.app
     state = app[STATE]
-    if not state.ready:
+    if not state.accepting:
         raise ApiError(503, "not_ready", f"not accepting work: {state.reason()}", headers={"Retry-After": "5"})
     apply_guard(gen, app[SETTINGS].guard, app[DENY])
     cache = app[CACHE]

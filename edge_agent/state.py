@@ -17,7 +17,13 @@ class AgentState:
 
     @property
     def ready(self) -> bool:
+        """What /readyz reports: the load balancer sends new traffic only to ready nodes."""
         return self.warm and not self.swapping and not self.draining
+
+    @property
+    def accepting(self) -> bool:
+        """Whether new work is queued: during a swap it is (it runs on the new model), while draining not."""
+        return self.warm and not self.draining and self.failed is None
 
     def reason(self) -> str:
         if self.failed is not None:
