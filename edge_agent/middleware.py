@@ -51,7 +51,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         if route not in {"/metrics", "/healthz", "/readyz"}:
             log.info("request_done", extra={
                 "event": "request_done", "method": request.method, "path": request.path, "status": status,
-                "duration_sec": round(elapsed, 6), "caller": request.get(CALLER),
+                "duration_sec": round(elapsed, 6), "caller": request.get(CALLER), "request_id": rid,
             })  # fmt: skip
         request_id.reset(token)
 

@@ -171,3 +171,23 @@ async def test_every_api_generates_the_same_image_for_a_seed(start_agent, path: 
         "/sdapi/v1/txt2img": lambda r: r["images"][0],
     }[path](response)
     assert np.array_equal(np.asarray(decode_image(b64)), expected)
+
+
+async def test_request_id_is_propagated_and_logged(start_agent, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from edge_agent.logs import JsonFormatter
+
+    client = await start_agent()
+    with caplog.at_level(logging.INFO, logger="edge_agent.access"):
+        response = await client.post("/v1/generate", json=SMALL, headers={"X-Request-ID": "site-a:cam-7:42"})
+    assert response.headers["X-Request-ID"] == "site-a:cam-7:42"
+    done = [r for r in caplog.records if r.getMessage() == "request_done"]
+    line = json.loads(JsonFormatter().format(done[-1]))
+    assert line["event"] == "request_done"
+    assert line["request_id"] == "site-a:cam-7:42"
+    assert line["status"] == 200
+    assert line["path"] == "/v1/generate"
+    assert line["duration_sec"] > 0
+    odd = await client.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
+    assert odd.headers["X-Request-ID"] != "bad id with spaces"  # replaced, never echoed unchecked
