@@ -63,6 +63,7 @@ from quantize.variants import VariantRecipe
 from zimage_edge import __version__
 from zimage_edge.device import DeviceFacts, DtypePolicy, detect_device, dtype_policy, torch_device
 from zimage_edge.model.loading import LoadedPipeline, LoadStats, load_pipeline, resolve_source, validate_pipeline_dir
+from zimage_edge.shapes.data import MARKER as SHAPES_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,8 @@ def build_artifact(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=out.parent))
     try:
         shutil.copy2(src / "model_index.json", tmp / "model_index.json")
+        if (src / SHAPES_MARKER).is_file():
+            shutil.copy2(src / SHAPES_MARKER, tmp / SHAPES_MARKER)
         for name in COPIED_COMPONENTS:
             shutil.copytree(src / name, tmp / name)
         results: dict[str, ComponentResult] = {}
@@ -267,12 +270,27 @@ def _quality_gate(src: Path, tmp: Path, variant: VariantRecipe, options: BuildOp
     # One pipeline in memory at a time: the reference's samples are kept, the pipeline is dropped.
     reference = load_pipeline(src, facts=facts, policy=policy)
     ref_samples = q.run_samples(reference.pipe, options.quality)
+    shapes = (src / SHAPES_MARKER).is_file()
+    extra: dict[str, Any] = {}
+    if shapes:
+        extra["shape_adherence"] = {"reference": shape_adherence(reference.pipe)}
     del reference
     candidate = load_components(tmp, facts, policy)
     cand_samples = q.run_samples(candidate, options.quality)
+    if shapes:
+        extra["shape_adherence"]["candidate"] = shape_adherence(candidate)
     del candidate
     comparison = q.compare(ref_samples, cand_samples)
-    return q.report(comparison, options.quality, variant.thresholds, policy.dtype, forced=options.force)
+    return q.report(
+        comparison, options.quality, variant.thresholds, policy.dtype, forced=options.force, extra=extra
+    )
+
+
+def shape_adherence(pipe: Any) -> dict[str, float | int]:
+    """Prompt adherence of a shapes-model pipeline on every scene (one fixed seed)."""
+    from zimage_edge.shapes.train import evaluate
+
+    return evaluate(pipe)
 
 
 def verify_artifact(root: Path, trusted: list[Ed25519PublicKey] | None = None) -> tuple[Manifest, str | None]:

@@ -30,6 +30,36 @@ def _cmd_toy_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_shapes(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from zimage_edge.shapes.train import TrainConfig, train_shapes
+
+    config = TrainConfig(
+        seed=args.seed,
+        images_per_scene=args.images_per_scene,
+        vae_steps=args.vae_steps,
+        transformer_steps=args.transformer_steps,
+    )
+    if Path(args.out_dir).exists():
+        raise UsageError(f"{args.out_dir} already exists")
+    bars: dict[str, tqdm] = {}
+
+    def report(stage: str, step: int, steps: int, loss: float) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=steps, desc=f"train {stage}", unit="step", disable=args.quiet)
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if step == steps:
+            bar.close()
+
+    summary = train_shapes(Path(args.out_dir), config, report)
+    print(json.dumps(summary["adherence"]))
+    print(f"trained in {summary['train_seconds']} s; written to {args.out_dir}")
+    return 0
+
+
 def _cmd_device(args: argparse.Namespace) -> int:
     from zimage_edge.device import detect_device, dtype_policy
 
@@ -104,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--size", default="tiny", choices=["tiny", "medium"], help="model size (default tiny)")
     toy.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     toy.set_defaults(handler=_cmd_toy_model)
+
+    shapes = sub.add_parser("train-shapes", help="train the small shapes model of the real architecture")
+    shapes.add_argument("out_dir", help="directory to create (must not exist)")
+    shapes.add_argument("--seed", type=int, default=0, help="seed of data and weights (default 0)")
+    shapes.add_argument("--images-per-scene", type=int, default=60, help="training images per scene (default 60)")
+    shapes.add_argument("--vae-steps", type=int, default=1000, help="VAE steps (default 1000)")
+    shapes.add_argument("--transformer-steps", type=int, default=3000, help="transformer steps (default 3000)")
+    shapes.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    shapes.set_defaults(handler=_cmd_train_shapes)
 
     device = sub.add_parser("device", help="show the detected device and the dtype policy for it")
     device.set_defaults(handler=_cmd_device)

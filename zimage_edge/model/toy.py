@@ -139,11 +139,14 @@ def _vae(size: ToySize) -> AutoencoderKL:
     )
 
 
-def build_toy_pipeline(size: str = "tiny", seed: int = 0) -> ZImagePipeline:
-    """Build a fp32 toy pipeline in memory; the same ``(size, seed)`` always gives the same weights."""
-    if size not in TOY_SIZES:
+def build_toy_pipeline(size: str = "tiny", seed: int = 0, size_spec: ToySize | None = None) -> ZImagePipeline:
+    """Build a fp32 toy pipeline in memory; the same ``(size, seed)`` always gives the same weights.
+
+    ``size_spec`` overrides the named size with explicit dimensions.
+    """
+    if size_spec is None and size not in TOY_SIZES:
         raise ValueError(f"unknown toy size {size!r}; choose one of {sorted(TOY_SIZES)}")
-    dims = TOY_SIZES[size]
+    dims = size_spec or TOY_SIZES[size]
     tokenizer = build_byte_tokenizer()
     vocab_size = 256 + len(SPECIAL_TOKENS)
     # fork_rng keeps the caller's global RNG untouched while seeding every initializer.

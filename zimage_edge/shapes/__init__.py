@@ -1,0 +1,6 @@
+"""A small trained model of the real architecture: flat shapes on flat backgrounds, 64x64.
+
+``data`` draws the scenes and their captions, ``metric`` reads a generated image back into
+(shape, color, background) and scores prompt adherence, ``train`` trains the VAE and then the
+transformer (with the text encoder) with the flow-matching objective the Turbo scheduler uses.
+"""
