@@ -281,9 +281,7 @@ def _quality_gate(src: Path, tmp: Path, variant: VariantRecipe, options: BuildOp
         extra["shape_adherence"]["candidate"] = shape_adherence(candidate)
     del candidate
     comparison = q.compare(ref_samples, cand_samples)
-    return q.report(
-        comparison, options.quality, variant.thresholds, policy.dtype, forced=options.force, extra=extra
-    )
+    return q.report(comparison, options.quality, variant.thresholds, policy.dtype, forced=options.force, extra=extra)
 
 
 def shape_adherence(pipe: Any) -> dict[str, float | int]:

@@ -11,7 +11,7 @@ from zimage_edge.shapes.data import PALETTE, Scene, all_scenes, dataset, draw, p
 from zimage_edge.shapes.metric import Adherence, read_image
 
 
-def _image(shape: str, color: str, background: str, size: float = 16, cx: float = 32, cy: float = 30) -> np.ndarray:
+def _image(shape: str, color: str, background: str, *, size: float = 16, cx: float = 32, cy: float = 30) -> np.ndarray:
     image = np.empty((64, 64, 3), dtype=np.uint8)
     image[:] = PALETTE[background]
     image[shape_mask(shape, size, cx, cy)] = PALETTE[color]

@@ -120,7 +120,27 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(f"encode {t.encode_sec:.3f}s, denoise {t.denoise_sec:.3f}s ({t.steps} steps), decode {t.decode_sec:.3f}s")
     for path, seed in zip(paths, result.seeds, strict=True):
         print(f"wrote {path} (seed {seed})")
+    _describe_shapes(loaded.path, request.prompt, result.images)
     return 0
+
+
+def _describe_shapes(model_dir: Path, prompt: str, images: list) -> None:
+    """For the shapes model: what each image shows, read back from its pixels."""
+    import numpy as np
+
+    from zimage_edge.shapes.data import MARKER, parse_caption
+    from zimage_edge.shapes.metric import read_image
+
+    if not (Path(model_dir) / MARKER).is_file():
+        return
+    asked = parse_caption(prompt)
+    for image in images:
+        seen = read_image(np.asarray(image.convert("RGB")))
+        verdict = ""
+        if asked is not None:
+            right = (seen.color, seen.shape, seen.background) == (asked.color, asked.shape, asked.background)
+            verdict = " (as asked)" if right else " (not as asked)"
+        print(f"the image shows: a {seen.color} {seen.shape} on a {seen.background} background{verdict}")
 
 
 def build_parser() -> argparse.ArgumentParser:

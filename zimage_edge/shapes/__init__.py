@@ -4,3 +4,8 @@
 (shape, color, background) and scores prompt adherence, ``train`` trains the VAE and then the
 transformer (with the text encoder) with the flow-matching objective the Turbo scheduler uses.
 """
+
+from pathlib import Path
+
+# The trained pipeline shipped with the package (diffusers layout, bf16 weights, a few MB).
+PRETRAINED = Path(__file__).parent / "pretrained"
