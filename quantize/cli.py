@@ -44,13 +44,18 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         min_psnr_db=t.min_psnr_db if args.min_psnr is None else args.min_psnr,
         min_ssim=t.min_ssim if args.min_ssim is None else args.min_ssim,
         max_latent_rel_l2=t.max_latent_rel_l2 if args.max_latent_rel_l2 is None else args.max_latent_rel_l2,
+        max_adherence_drop=t.max_adherence_drop if args.max_adherence_drop is None else args.max_adherence_drop,
     )
     variant = replace(variant, thresholds=thresholds)
     if args.no_quality and not args.force:
         raise UsageError("--no-quality needs --force: the artifact would carry no measured quality")
     if Path(args.out).exists():
         raise UsageError(f"{args.out} already exists")
-    width, height = parse_size(args.quality_size)
+    from zimage_edge.shapes.data import trained_size
+
+    native = trained_size(args.source)
+    default_size = f"{native}x{native}" if native else "256x256"
+    width, height = parse_size(args.quality_size or default_size)
 
     from tqdm import tqdm
 
@@ -219,11 +224,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     qz.add_argument("--sign-key", help="ed25519 private key (PEM) to sign the manifest with")
     qz.add_argument("--force", action="store_true", help="keep a variant that misses its quality thresholds")
     qz.add_argument("--no-quality", action="store_true", help="skip the quality gate (needs --force)")
-    qz.add_argument("--quality-size", default="256x256", help="resolution of the quality gate (default 256x256)")
+    qz.add_argument(
+        "--quality-size", default=None, help="resolution of the quality gate (default 256x256; a shapes model's own)"
+    )
     qz.add_argument("--quality-seeds", default="0", help="comma-separated seeds of the quality gate (default 0)")
     qz.add_argument("--min-psnr", type=float, help="override the variant's minimum PSNR (dB)")
     qz.add_argument("--min-ssim", type=float, help="override the variant's minimum SSIM")
     qz.add_argument("--max-latent-rel-l2", type=float, help="override the variant's maximum latent distance")
+    qz.add_argument(
+        "--max-adherence-drop", type=float, help="override how much color accuracy a shapes model may lose (0.03)"
+    )
     qz.add_argument("--max-shard-mb", type=int, default=1024, help="largest weight file in MiB (default 1024)")
     qz.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     qz.set_defaults(handler=_cmd_quantize)

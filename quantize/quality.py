@@ -84,8 +84,13 @@ def compare(reference: Sequence[Sample], candidate: Sequence[Sample]) -> Compari
     return out
 
 
-def failures(comparison: Comparison, thresholds: QualityThresholds) -> list[str]:
-    """Human-readable reasons the comparison misses its thresholds (empty when it passes)."""
+def failures(
+    comparison: Comparison, thresholds: QualityThresholds, adherence: dict[str, dict[str, Any]] | None = None
+) -> list[str]:
+    """Human-readable reasons the comparison misses its thresholds (empty when it passes).
+
+    ``adherence`` is ``{"reference": ..., "candidate": ...}`` (``Adherence.to_dict()``) for a shapes model.
+    """
     reasons = []
     if min(comparison.psnr_db) < thresholds.min_psnr_db:
         reasons.append(f"PSNR {min(comparison.psnr_db):.2f} dB < {thresholds.min_psnr_db} dB")
@@ -93,6 +98,13 @@ def failures(comparison: Comparison, thresholds: QualityThresholds) -> list[str]
         reasons.append(f"SSIM {min(comparison.ssim):.4f} < {thresholds.min_ssim}")
     if max(comparison.latent_rel_l2) > thresholds.max_latent_rel_l2:
         reasons.append(f"latent relative L2 {max(comparison.latent_rel_l2):.4f} > {thresholds.max_latent_rel_l2}")
+    if adherence is not None:
+        ref, cand = adherence["reference"]["color_accuracy"], adherence["candidate"]["color_accuracy"]
+        if ref - cand > thresholds.max_adherence_drop + 1e-9:
+            reasons.append(
+                f"color accuracy {cand:.3f} is {100 * (ref - cand):.1f} points below the reference's {ref:.3f} "
+                f"(> {100 * thresholds.max_adherence_drop:.0f})"
+            )
     return reasons
 
 
@@ -105,7 +117,7 @@ def report(
     forced: bool,
     extra: dict[str, Any] | None = None,
 ) -> QualityReport:
-    missed = failures(comparison, thresholds)
+    missed = failures(comparison, thresholds, (extra or {}).get("shape_adherence"))
     if missed and not forced:
         raise QualityGateError(missed)
     return QualityReport(

@@ -79,3 +79,20 @@ def test_a_few_training_steps_lower_the_loss() -> None:
     ids = torch.tensor([prompts.index(s.caption) for s in scenes])
     losses = train_transformer(pipe, latents, ids, prompts, config)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_prompt_encoding_keeps_the_captions() -> None:
+    # ZImagePipeline.encode_prompt writes the chat-templated prompts back into the list it gets; the
+    # training loop reuses one list, so without a copy every step templated the prompts again until
+    # the truncated tokens no longer held the caption (the model then ignored its prompts).
+    from zimage_edge.shapes.train import build_pipeline, prompt_embeddings
+
+    pipe = build_pipeline(seed=0)
+    prompts = [s.caption for s in all_scenes()[:3]]
+    before = list(prompts)
+    with torch.no_grad():
+        first = prompt_embeddings(pipe, prompts)
+        second = prompt_embeddings(pipe, prompts)
+    assert prompts == before
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert not torch.equal(first[0], first[1])  # "red circle on green" vs "... on blue"

@@ -33,13 +33,14 @@ def _cmd_toy_model(args: argparse.Namespace) -> int:
 def _cmd_train_shapes(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from zimage_edge.shapes.train import TrainConfig, train_shapes
+    from zimage_edge.shapes.train import TrainConfig, held_out_captions, train_shapes
 
     config = TrainConfig(
         seed=args.seed,
         images_per_scene=args.images_per_scene,
         vae_steps=args.vae_steps,
         transformer_steps=args.transformer_steps,
+        held_out=held_out_captions() if args.hold_out else (),
     )
     if Path(args.out_dir).exists():
         raise UsageError(f"{args.out_dir} already exists")
@@ -72,13 +73,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from zimage_edge.request import GenerationRequest, describe_validation_error
+    from zimage_edge.shapes import PRETRAINED
+    from zimage_edge.shapes.data import trained_size
 
+    model = args.model if args.model is not None else str(PRETRAINED)
+    native = trained_size(model) or 1024  # the shapes model draws at its training size
     try:
         request = GenerationRequest(
             prompt=args.prompt,
             negative_prompt=args.negative_prompt,
-            width=args.width,
-            height=args.height,
+            width=native if args.width is None else args.width,
+            height=native if args.height is None else args.height,
             steps=args.steps,
             guidance=args.guidance,
             seed=args.seed,
@@ -97,9 +102,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from quantize.cli import trusted_keys
     from zimage_edge.model.generate import generate
 
-    loaded = load_model(args.model, trusted=trusted_keys(args.trusted_key), allow_download=args.allow_download)
+    loaded = load_model(model, trusted=trusted_keys(args.trusted_key), allow_download=args.allow_download)
     print(
-        f"loaded {args.model} in {loaded.stats.seconds:.2f}s on {loaded.device} ({loaded.policy.dtype}); "
+        f"loaded {model} in {loaded.stats.seconds:.2f}s on {loaded.device} ({loaded.policy.dtype}); "
         f"rss +{loaded.stats.rss_delta / 2**20:.0f} MiB"
     )
     with tqdm(total=request.steps, desc="denoising", unit="step", disable=args.quiet) as bar:
@@ -161,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--images-per-scene", type=int, default=60, help="training images per scene (default 60)")
     shapes.add_argument("--vae-steps", type=int, default=1000, help="VAE steps (default 1000)")
     shapes.add_argument("--transformer-steps", type=int, default=3000, help="transformer steps (default 3000)")
+    shapes.add_argument(
+        "--hold-out", action="store_true", help="keep every 9th caption out of training and score it apart"
+    )
     shapes.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     shapes.set_defaults(handler=_cmd_train_shapes)
 
@@ -169,11 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate an image from a prompt")
     gen.add_argument("prompt", help="what to draw")
-    gen.add_argument("--model", required=True, help="diffusers directory or Hugging Face id")
+    gen.add_argument(
+        "--model", default=None, help="artifact, diffusers directory or Hugging Face id (default: the shapes model)"
+    )
     gen.add_argument("-o", "--output", default="out.png", help="image path (.png/.jpg/.webp; default out.png)")
     gen.add_argument("--negative-prompt", default="", help="what to avoid (needs --guidance > 0)")
-    gen.add_argument("--width", type=int, default=1024, help="pixels, multiple of 16 (default 1024)")
-    gen.add_argument("--height", type=int, default=1024, help="pixels, multiple of 16 (default 1024)")
+    gen.add_argument("--width", type=int, default=None, help="pixels, multiple of 16 (default: the model's, 1024)")
+    gen.add_argument("--height", type=int, default=None, help="pixels, multiple of 16 (default: the model's, 1024)")
     gen.add_argument("--steps", type=int, default=8, help="denoising steps (default 8, Turbo)")
     gen.add_argument("--guidance", type=float, default=0.0, help="CFG scale (default 0.0, Turbo)")
     gen.add_argument("--seed", type=int, default=None, help="seed (default random)")

@@ -136,8 +136,8 @@ def generate_batch(
     # no_grad, not inference_mode: quanto int4 kernels are autograd Functions that reject inference tensors.
     with torch.no_grad():
         prompt_embeds, negative_embeds = pipe.encode_prompt(
-            prompt=prompts,
-            negative_prompt=negatives if first.uses_cfg else None,
+            prompt=list(prompts),  # encode_prompt rewrites the lists it is given
+            negative_prompt=list(negatives) if first.uses_cfg else None,
             do_classifier_free_guidance=first.uses_cfg,
             device=device,
             max_sequence_length=first.max_sequence_length,

@@ -7,7 +7,9 @@ is the form of prompt the trained model answers.
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +27,14 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "triangle")
+
+
+def trained_size(model_dir: str | Path) -> int | None:
+    """The image size a shapes model was trained at, or None if ``model_dir`` is not one."""
+    try:
+        return int(json.loads((Path(model_dir) / MARKER).read_text())["image_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass(frozen=True)
