@@ -165,9 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0, help="seed of data and weights (default 0)")
     shapes.add_argument("--images-per-scene", type=int, default=60, help="training images per scene (default 60)")
     shapes.add_argument("--vae-steps", type=int, default=1000, help="VAE steps (default 1000)")
-    shapes.add_argument("--transformer-steps", type=int, default=3000, help="transformer steps (default 3000)")
+    shapes.add_argument("--transformer-steps", type=int, default=4000, help="transformer steps (default 4000)")
     shapes.add_argument(
-        "--hold-out", action="store_true", help="keep every 9th caption out of training and score it apart"
+        "--hold-out",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep every 9th caption out of training and score it apart (default: on)",
     )
     shapes.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     shapes.set_defaults(handler=_cmd_train_shapes)

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,12 @@ SHIFT = float(SCHEDULER_CONFIG["shift"])
 Report = Callable[[str, int, int, float], None]  # (stage, step, steps, loss)
 
 
+def held_out_captions(every: int = 9) -> tuple[str, ...]:
+    """A fixed tenth of the captions (every 9th of the 90): each shape, color and background still
+    appears in training in other combinations."""
+    return tuple(scene.caption for scene in all_scenes()[::every])
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
@@ -51,19 +57,13 @@ class TrainConfig:
     vae_steps: int = 1000
     vae_batch: int = 32
     vae_lr: float = 3e-3
-    transformer_steps: int = 3000
+    transformer_steps: int = 4000
     transformer_batch: int = 64
     transformer_lr: float = 1e-3
     eval_seeds: tuple[int, ...] = (1000,)
     # Captions never shown in training, to measure whether the model composes shape, color and
     # background it has seen only in other combinations.
-    held_out: tuple[str, ...] = ()
-
-
-def held_out_captions(every: int = 9) -> tuple[str, ...]:
-    """A fixed tenth of the captions (every 9th of the 90): each shape, color and background still
-    appears in training in other combinations."""
-    return tuple(scene.caption for scene in all_scenes()[::every])
+    held_out: tuple[str, ...] = field(default_factory=held_out_captions)
 
 
 def build_pipeline(seed: int) -> Any:
