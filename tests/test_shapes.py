@@ -1,7 +1,9 @@
-"""The shapes task: the adherence metric on hand-made images, training lowering the loss, and the
-shipped model reaching its target."""
+"""The shapes task: the adherence metric on hand-made images, the data, and training lowering the loss
+(the shipped model's own checks are in test_shapes_model.py)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,3 +98,12 @@ def test_prompt_encoding_keeps_the_captions() -> None:
     assert prompts == before
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     assert not torch.equal(first[0], first[1])  # "red circle on green" vs "... on blue"
+
+
+def test_training_refuses_unknown_held_out_captions(tmp_path: Path) -> None:
+    from zimage_edge.shapes.train import TrainConfig, held_out_captions, train_shapes
+
+    assert len(held_out_captions()) == 10
+    with pytest.raises(ValueError, match="a purple cube"):
+        train_shapes(tmp_path / "out", TrainConfig(held_out=("a purple cube",)))
+    assert list(tmp_path.iterdir()) == []

@@ -205,14 +205,14 @@ def train_shapes(out_dir: Path, config: TrainConfig | None = None, report: Repor
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists")
+    unknown = set(config.held_out) - {s.caption for s in all_scenes()}
+    if unknown:
+        raise ValueError(f"held-out captions not of the trained form: {sorted(unknown)}")
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     pipe = build_pipeline(config.seed)
     pipe.set_progress_bar_config(disable=True)
     images, scenes = dataset(config.images_per_scene, config.seed)
-    unknown = set(config.held_out) - {s.caption for s in all_scenes()}
-    if unknown:
-        raise ValueError(f"held-out captions not of the trained form: {sorted(unknown)}")
     keep = [i for i, s in enumerate(scenes) if s.caption not in config.held_out]
     images, scenes = images[keep], [scenes[i] for i in keep]
     vae_losses = train_vae(pipe, images, config, report)
