@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import statistics
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from report import RESULTS, write_results
 
 from zimage_edge.model.generate import generate
 from zimage_edge.model.loading import load_pipeline
@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="side of the overhead requests (1 step)")
     parser.add_argument("--batch-size", type=int, default=128, help="side of the throughput requests (8 steps)")
     parser.add_argument("--per-client", type=int, default=6, help="requests per client in the throughput runs")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
@@ -170,10 +170,7 @@ def main() -> None:
         f"| images/s at concurrency 8, max_batch 1 | {b['images_per_sec_max_batch_1']:.2f} |\n"
         f"| batching gain | **{b['gain']:.2f}x** (target >= 1.5x) |\n"
     )
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "agent.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "agent.md").write_text(text)
+    write_results(args.out, "agent", report, text)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ the numbers as JSON next to this file (``results/generate-<device>.json``).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from report import RESULTS, write_results
 from rich.console import Console
 from rich.table import Table
 
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="128,256,512", help="square resolutions, comma-separated")
     parser.add_argument("--batches", default="1,4", help="batch sizes, comma-separated")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per cell (median reported)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
@@ -78,9 +78,7 @@ def main() -> None:
             f"{row['gain_vs_batch1']:.2f}x",
         )  # fmt: skip
     Console().print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"generate-{report['device']['kind']}.json"
-    path.write_text(json.dumps(report, indent=2))
+    path = write_results(args.out, f"generate-{report['device']['kind']}", report)
     print(f"wrote {path}")
 
 

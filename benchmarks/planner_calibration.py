@@ -20,22 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from report import RESULTS, peak_rss, rss_now, write_results
+
 CAPTION_TOKENS = 64
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def measure_once(model: Path, stage: str, size: int) -> dict[str, Any]:
@@ -75,10 +68,10 @@ def measure_once(model: Path, stage: str, size: int) -> dict[str, Any]:
             extra = torch.cuda.max_memory_allocated() - before
             valid = True
         else:
-            high_water = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            before = _rss()
+            high_water = peak_rss()
+            before = rss_now()
             run()
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            peak = peak_rss()
             extra = peak - before
             valid = peak > high_water  # the pass set a new high-water mark, so the peak is its own
     config = pipe.transformer.config
@@ -117,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="diffusers directory (default: a fresh medium toy model)")
     parser.add_argument("--sizes", default="512,1024", help="two square resolutions")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", choices=["transformer", "vae"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -148,9 +141,7 @@ def main() -> None:
         print(f"{stage:11s} measured factor {measured[stage]:6.2f}  planner {planner:6.2f}  ({detail})")
     if not report["all_valid"]:
         print("warning: a pass did not exceed the load peak; choose larger --sizes")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"planner-calibration-{report['device']['kind']}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_results(args.out, f"planner-calibration-{report['device']['kind']}", report)
     print(f"wrote {path}")
 
 

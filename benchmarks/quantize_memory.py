@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from report import RESULTS, peak_rss, rss_now, write_results
+
 GIB = 1024**3
 REAL_CONFIG: dict[str, Any] = {
     "all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 3840, "n_layers": 30,
@@ -34,18 +35,6 @@ REAL_CONFIG: dict[str, Any] = {
     "cap_feat_dim": 2560, "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [32, 48, 48],
     "axes_lens": [1536, 512, 512],
 }  # fmt: skip
-
-
-def _rss_now() -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def write_checkpoint(directory: Path, layers: int) -> int:
@@ -81,14 +70,14 @@ def child_streaming(source: Path, out: Path) -> dict[str, Any]:
     from quantize.streaming import SourceWeights, quantize_component
     from quantize.variants import VARIANTS
 
-    baseline = _rss_now()
+    baseline = rss_now()
     started = time.perf_counter()
     skeleton = build_skeleton(source, "diffusers", "ZImageTransformer2DModel", torch.bfloat16)
     result = quantize_component(
         SourceWeights(source), skeleton, VARIANTS["int8"].transformer,
         storage_dtype=torch.bfloat16, out_dir=out, backend=BACKENDS["optimum-quanto"],
     )  # fmt: skip
-    return {"seconds": time.perf_counter() - started, "baseline_rss": baseline, "peak_rss": _peak_rss(),
+    return {"seconds": time.perf_counter() - started, "baseline_rss": baseline, "peak_rss": peak_rss(),
             "out_bytes": result.bytes}  # fmt: skip
 
 
@@ -100,14 +89,14 @@ def child_naive(source: Path, out: Path) -> dict[str, Any]:
     from quantize.backend import BACKENDS, quantize_in_memory
     from quantize.variants import VARIANTS
 
-    baseline = _rss_now()
+    baseline = rss_now()
     started = time.perf_counter()
     model = ZImageTransformer2DModel.from_pretrained(source, torch_dtype=torch.bfloat16)
     quantize_in_memory(model, VARIANTS["int8"].transformer, BACKENDS["optimum-quanto"])
     out.mkdir(parents=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
-    return {"seconds": time.perf_counter() - started, "baseline_rss": baseline, "peak_rss": _peak_rss(),
+    return {"seconds": time.perf_counter() - started, "baseline_rss": baseline, "peak_rss": peak_rss(),
             "out_bytes": sum(t.numel() * t.element_size() for t in state.values())}  # fmt: skip
 
 
@@ -146,7 +135,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30, help="main layers of the streaming-only run (real: 30)")
     parser.add_argument("--naive-layers", type=int, default=8, help="main layers of the side-by-side run")
     parser.add_argument("--workdir", type=Path, help="scratch directory (default: a temporary one)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", choices=["streaming", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--source", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -191,10 +180,7 @@ def main() -> None:
             f"time {ratios['seconds_naive_over_streaming']:.2f}x.",
         ]
     text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quantize-memory.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "quantize-memory.md").write_text(text)
+    write_results(args.out, "quantize-memory", report, text)
 
 
 if __name__ == "__main__":

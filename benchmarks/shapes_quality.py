@@ -11,13 +11,12 @@ reference. Results go to ``benchmarks/results/shapes-quality.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+from report import RESULTS, write_results
 
 
 def measure(variants: list[str], seeds: tuple[int, ...], workdir: Path) -> list[dict[str, Any]]:
@@ -95,11 +94,7 @@ def main() -> None:
     seeds = tuple(args.seeds)
     with tempfile.TemporaryDirectory(prefix="shapes-quality-") as tmp:
         rows = measure(args.variants, seeds, Path(tmp))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "shapes-quality.json").write_text(json.dumps({"seeds": seeds, "rows": rows}, indent=2) + "\n")
-    text = table(rows, seeds)
-    (args.out / "shapes-quality.md").write_text(text)
-    print(text)
+    write_results(args.out, "shapes-quality", {"seeds": seeds, "rows": rows}, table(rows, seeds))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""What every benchmark shares: memory readings of its own process and writing its results."""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def rss_now() -> int:
+    """Resident memory of this process now, in bytes."""
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss() -> int:
+    """The highest resident memory of this process so far, in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def write_results(out: Path, name: str, data: dict[str, Any], text: str | None = None) -> Path:
+    """``out/name.json`` and, with a text, ``out/name.md`` (also printed); returns the JSON path."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    if text is not None:
+        print(text)
+        (out / f"{name}.md").write_text(text)
+    return path
