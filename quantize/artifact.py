@@ -64,6 +64,7 @@ from zimage_edge import __version__
 from zimage_edge.device import DeviceFacts, DtypePolicy, detect_device, dtype_policy, torch_device
 from zimage_edge.model.loading import LoadedPipeline, LoadStats, load_pipeline, resolve_source, validate_pipeline_dir
 from zimage_edge.shapes.data import MARKER as SHAPES_MARKER
+from zimage_edge.shapes.train import evaluate as evaluate_shapes
 
 log = logging.getLogger(__name__)
 
@@ -270,25 +271,18 @@ def _quality_gate(src: Path, tmp: Path, variant: VariantRecipe, options: BuildOp
     # One pipeline in memory at a time: the reference's samples are kept, the pipeline is dropped.
     reference = load_pipeline(src, facts=facts, policy=policy)
     ref_samples = q.run_samples(reference.pipe, options.quality)
+    # A shapes model is also scored on prompt adherence, on every caption (one fixed seed).
     shapes = (src / SHAPES_MARKER).is_file()
-    extra: dict[str, Any] = {}
-    if shapes:
-        extra["shape_adherence"] = {"reference": shape_adherence(reference.pipe)}
+    ref_adherence = evaluate_shapes(reference.pipe) if shapes else None
     del reference
     candidate = load_components(tmp, facts, policy)
     cand_samples = q.run_samples(candidate, options.quality)
-    if shapes:
-        extra["shape_adherence"]["candidate"] = shape_adherence(candidate)
+    adherence = {"reference": ref_adherence, "candidate": evaluate_shapes(candidate)} if ref_adherence else None
     del candidate
     comparison = q.compare(ref_samples, cand_samples)
-    return q.report(comparison, options.quality, variant.thresholds, policy.dtype, forced=options.force, extra=extra)
-
-
-def shape_adherence(pipe: Any) -> dict[str, float | int]:
-    """Prompt adherence of a shapes-model pipeline on every scene (one fixed seed)."""
-    from zimage_edge.shapes.train import evaluate
-
-    return evaluate(pipe)
+    return q.report(
+        comparison, options.quality, variant.thresholds, policy.dtype, forced=options.force, adherence=adherence
+    )
 
 
 def verify_artifact(root: Path, trusted: list[Ed25519PublicKey] | None = None) -> tuple[Manifest, str | None]:

@@ -115,9 +115,10 @@ def report(
     reference_dtype: str,
     *,
     forced: bool,
-    extra: dict[str, Any] | None = None,
+    adherence: dict[str, dict[str, Any]] | None = None,
 ) -> QualityReport:
-    missed = failures(comparison, thresholds, (extra or {}).get("shape_adherence"))
+    """The manifest's quality record; ``adherence`` (shapes model) is recorded as ``shape_adherence``."""
+    missed = failures(comparison, thresholds, adherence)
     if missed and not forced:
         raise QualityGateError(missed)
     return QualityReport(
@@ -135,7 +136,7 @@ def report(
         ssim_min=round(min(comparison.ssim), 5),
         latent_rel_l2_max=round(max(comparison.latent_rel_l2), 6),
         thresholds=thresholds.to_dict(),
-        extra=extra or {},
+        extra={"shape_adherence": adherence} if adherence else {},
     )
 
 

@@ -25,7 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from zimage_edge.model.toy import SCHEDULER_CONFIG, ToySize, build_toy_pipeline
-from zimage_edge.shapes.data import IMAGE_SIZE, MARKER, all_scenes, dataset
+from zimage_edge.shapes.data import IMAGE_SIZE, MARKER, Scene, all_scenes, dataset
 from zimage_edge.shapes.metric import Adherence
 
 log = logging.getLogger(__name__)
@@ -179,24 +179,40 @@ def train_transformer(
     return losses
 
 
-def evaluate(pipe: Any, seeds: tuple[int, ...] = (1000,), scenes: list | None = None) -> dict[str, float | int]:
-    """Prompt adherence over every scene x seed at 64x64, 8 steps, guidance 0 (the Turbo settings)."""
+def draw_scenes(
+    pipe: Any, seeds: tuple[int, ...] = (1000,), scenes: list[Scene] | None = None, batch: int = 32
+) -> list[tuple[Scene, np.ndarray]]:
+    """Every scene x seed drawn at 64x64, 8 steps, guidance 0 (the Turbo settings), as RGB arrays."""
     from zimage_edge.model.generate import generate_batch
     from zimage_edge.request import GenerationRequest
 
-    adherence = Adherence()
     scenes = scenes or all_scenes()
     requests = [
-        GenerationRequest(prompt=s.caption, width=IMAGE_SIZE, height=IMAGE_SIZE, seed=seed, max_sequence_length=64)
+        GenerationRequest(
+            prompt=s.caption, width=IMAGE_SIZE, height=IMAGE_SIZE, seed=seed, max_sequence_length=PROMPT_TOKENS
+        )
         for s in scenes
         for seed in seeds
     ]
     asked = [s for s in scenes for _ in seeds]
-    for start in range(0, len(requests), 32):
-        results = generate_batch(pipe, requests[start : start + 32])
-        for scene, result in zip(asked[start : start + 32], results, strict=True):
-            adherence.add(scene, np.asarray(result.images[0].convert("RGB")))
+    drawn = []
+    for start in range(0, len(requests), batch):
+        results = generate_batch(pipe, requests[start : start + batch])
+        for scene, result in zip(asked[start : start + batch], results, strict=True):
+            drawn.append((scene, np.asarray(result.images[0].convert("RGB"))))
+    return drawn
+
+
+def score(drawn: list[tuple[Scene, np.ndarray]]) -> dict[str, float | int]:
+    adherence = Adherence()
+    for scene, image in drawn:
+        adherence.add(scene, image)
     return adherence.to_dict()
+
+
+def evaluate(pipe: Any, seeds: tuple[int, ...] = (1000,), scenes: list[Scene] | None = None) -> dict[str, float | int]:
+    """Prompt adherence over every scene x seed (see ``draw_scenes``)."""
+    return score(draw_scenes(pipe, seeds, scenes))
 
 
 def train_shapes(out_dir: Path, config: TrainConfig | None = None, report: Report | None = None) -> dict[str, Any]:
@@ -221,9 +237,10 @@ def train_shapes(out_dir: Path, config: TrainConfig | None = None, report: Repor
     caption_ids = torch.tensor([prompts.index(s.caption) for s in scenes])
     tr_losses = train_transformer(pipe, latents, caption_ids, prompts, config, report=report)
     with torch.no_grad():
-        accuracy = evaluate(pipe, config.eval_seeds)
-        held_out = [s for s in all_scenes() if s.caption in config.held_out]
-        accuracy_held_out = evaluate(pipe, config.eval_seeds, held_out) if held_out else None
+        drawn = draw_scenes(pipe, config.eval_seeds)
+    held_out = [(scene, image) for scene, image in drawn if scene.caption in config.held_out]
+    accuracy = score(drawn)
+    accuracy_held_out = score(held_out) if held_out else None
     summary = {
         "task": "shapes",
         "image_size": IMAGE_SIZE,
