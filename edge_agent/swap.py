@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from edge_agent.keys import CACHE, METRICS, RUNNER, SCHEDULER, SETTINGS, STATE
+from zimage_edge.device import detect_device
 from zimage_edge.model.loading import LoadedPipeline
 
 log = logging.getLogger(__name__)
@@ -30,14 +31,9 @@ def model_bytes(source: str) -> int:
     return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
 
 
-def free_bytes(loaded: LoadedPipeline | None) -> int:
-    import psutil
-    import torch
-
-    if loaded is not None and loaded.device == "cuda":
-        free, _total = torch.cuda.mem_get_info()
-        return int(free)
-    return int(psutil.virtual_memory().available)
+def fits_beside(source: str) -> bool:
+    """Whether ``source`` can load while the current model stays (blocking: file sizes, device query)."""
+    return model_bytes(source) * SWAP_HEADROOM < detect_device().free_memory
 
 
 def describe_model(app: web.Application, loaded: LoadedPipeline) -> None:
@@ -58,8 +54,9 @@ async def swap_model(app: web.Application, source: str) -> dict[str, Any]:
     async with app[SWAP_LOCK]:
         old = runner.loaded
         started = time.perf_counter()
+        loop = asyncio.get_running_loop()
         overlap = strategy == "overlap" or (
-            strategy == "auto" and model_bytes(source) * SWAP_HEADROOM < await _free(app, old)
+            strategy == "auto" and await loop.run_in_executor(runner.load_executor, fits_beside, source)
         )
         if overlap:
             new = await runner.load(source)  # ModelLoadError/ArtifactError: the old model keeps serving
@@ -94,11 +91,6 @@ async def swap_model(app: web.Application, source: str) -> dict[str, Any]:
         log.info("model_swapped", extra={"event": "model_swapped", "source": source, "overlap": overlap,
                                          "duration_sec": round(seconds, 3)})  # fmt: skip
         return {"model": runner.identity, "strategy": "overlap" if overlap else "drain", "duration_sec": seconds}
-
-
-async def _free(app: web.Application, loaded: LoadedPipeline | None) -> int:
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(app[RUNNER].load_executor, free_bytes, loaded)
 
 
 async def drain(app: web.Application) -> int:
