@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -42,15 +43,22 @@ async def read_json(request: web.Request) -> Any:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from exc
 
 
-def _native_result(request: web.Request, served: service.Served) -> dict[str, Any]:
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+async def _json_answer(build: Callable[[], Any]) -> web.Response:
+    """Base64 of several images and the JSON around them take milliseconds per MB: built off the loop."""
+    text = await asyncio.to_thread(lambda: json.dumps(build()))
+    return web.Response(text=text, content_type="application/json")
+
+
+def _native_result(model: str, served: service.Served) -> dict[str, Any]:
     out = served.output
     result = NativeResult(
         id=served.job_id,
-        model=request.app[RUNNER].identity.get("variant", ""),
-        images=[
-            NativeImage(b64=base64.b64encode(data).decode(), seed=seed)
-            for data, seed in zip(out.images, out.seeds, strict=False)
-        ],
+        model=model,
+        images=[NativeImage(b64=_b64(data), seed=seed) for data, seed in zip(out.images, out.seeds, strict=False)],
         mime=out.mime,
         timings=out.timings,
         queue_wait_sec=round(served.queue_wait, 6),
@@ -79,7 +87,8 @@ async def native_generate(request: web.Request) -> web.StreamResponse:
             content_type=served.output.mime,
             headers={"X-Seed": str(served.output.seeds[0]), "X-Job-ID": served.job_id},
         )
-    return web.json_response(_native_result(request, served))
+    model = request.app[RUNNER].identity.get("variant", "")
+    return await _json_answer(lambda: _native_result(model, served))
 
 
 def _sse(event: str, data: Any) -> bytes:
@@ -100,24 +109,18 @@ async def _stream(request: web.Request, body: NativeGenerate) -> web.StreamRespo
     job_id = admitted.job.id if admitted.job else "cache"
     await response.write(_sse("queued", {"id": job_id}))
     waiter = asyncio.create_task(service.wait(request, admitted), name=f"zimage-sse-{job_id}")
+    # Progress reaches the queue through the loop before the job's answer does, so "done" comes last.
+    waiter.add_done_callback(lambda _: events.put_nowait(("done", None)))
     try:
-        while not waiter.done():
-            getter = asyncio.create_task(events.get(), name=f"zimage-sse-events-{job_id}")
-            done, _ = await asyncio.wait({waiter, getter}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in done:
-                event, data = getter.result()
-                await response.write(_sse(event, data))
-            else:
-                getter.cancel()
-        while not events.empty():
-            event, data = events.get_nowait()
-            await response.write(_sse(event, data))
+        while (item := await events.get())[0] != "done":
+            await response.write(_sse(*item))
         try:
             served = waiter.result()
         except ApiError as exc:
             await response.write(_sse("error", {"error": {"code": exc.code, "message": exc.message}}))
         else:
-            await response.write(_sse("result", _native_result(request, served)))
+            model = request.app[RUNNER].identity.get("variant", "")
+            await response.write(await asyncio.to_thread(lambda: _sse("result", _native_result(model, served))))
     except (ConnectionResetError, asyncio.CancelledError):
         waiter.cancel()  # the client left: service.wait withdraws the job
         raise
@@ -129,16 +132,19 @@ async def _stream(request: web.Request, body: NativeGenerate) -> web.StreamRespo
 async def openai_images(request: web.Request) -> web.Response:
     body: OpenAIImagesRequest = parse(OpenAIImagesRequest, await read_json(request))
     served = await service.generate(request, to_generation(body), output_format=body.output_format)
+    images, created = served.output.images, int(time.time())
+    if body.response_format == "b64_json":
+        return await _json_answer(
+            lambda: OpenAIImagesResponse(
+                created=created, data=[OpenAIImage(b64_json=_b64(image)) for image in images]
+            ).model_dump(exclude_none=True)
+        )
     data = []
-    for image in served.output.images:
-        if body.response_format == "b64_json":
-            data.append(OpenAIImage(b64_json=base64.b64encode(image).decode()))
-        else:
-            image_id = request.app[IMAGES].put(image, served.output.mime)
-            url = request.url.with_path(f"/v1/images/{image_id}").with_query(None)
-            data.append(OpenAIImage(url=str(url)))
-    response = OpenAIImagesResponse(created=int(time.time()), data=data)
-    return web.json_response(response.model_dump(exclude_none=True))
+    for image in images:
+        image_id = request.app[IMAGES].put(image, served.output.mime)
+        url = request.url.with_path(f"/v1/images/{image_id}").with_query(None)
+        data.append(OpenAIImage(url=str(url)))
+    return web.json_response(OpenAIImagesResponse(created=created, data=data).model_dump(exclude_none=True))
 
 
 @routes.get("/v1/images/{image_id}")
@@ -170,9 +176,8 @@ async def a1111_txt2img(request: web.Request) -> web.Response:
         "ignored_fields": body.ignored_fields(),
         "job_id": served.job_id,
     }
-    response = A1111Response(
-        images=[base64.b64encode(image).decode() for image in out.images],
-        parameters=body.model_dump(),
-        info=json.dumps(info),
+    return await _json_answer(
+        lambda: A1111Response(
+            images=[_b64(image) for image in out.images], parameters=body.model_dump(), info=json.dumps(info)
+        ).model_dump()
     )
-    return web.json_response(response.model_dump())
