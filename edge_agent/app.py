@@ -51,7 +51,8 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics.create()
-    app[STATE] = AgentState()
+    app[STATE] = state = AgentState()
+    app[METRICS].ready.set_function(lambda: float(state.ready))
     app[CACHE] = ResultCache(settings.cache.max_bytes)
     app[AUTH] = Authenticator(list(settings.api_keys))
     app[IMAGES] = ImageStore(settings.image_ttl_s)
@@ -111,5 +112,4 @@ async def _warm_start(app: web.Application) -> None:
         "warmup_sec": round(warm_sec, 4), "rss_delta": loaded.stats.rss_delta,
     })  # fmt: skip
     state.warm = True
-    app[METRICS].ready.set(1)
     state.warmed.set()

@@ -58,12 +58,11 @@ class Scheduler:
         self.running: list[Job] = []
         self._wake = asyncio.Event()
         self._paused = False
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._changed = asyncio.Condition()  # notified whenever the queue or the running batch changes
         self._notifications: set[asyncio.Task[None]] = set()
         self._batch_seconds = 1.0  # moving average, for Retry-After
         self._lock = asyncio.Lock()  # held while a batch runs: swaps take it to act between batches
+        metrics.pending.set_function(lambda: len(self.pending))
 
     # --- submitting ------------------------------------------------------------------------------
 
@@ -74,8 +73,6 @@ class Scheduler:
             raise QueueFull(retry_after=max(1.0, batches_ahead * self._batch_seconds))
         job = Job(work=work, future=asyncio.get_running_loop().create_future(), enqueued_at=self.clock())
         self.pending.append(job)
-        self._idle.clear()
-        self.metrics.pending.set(len(self.pending))
         self._wake.set()
         self._notify()
         return job
@@ -86,8 +83,7 @@ class Scheduler:
         if job in self.pending:
             self.pending.remove(job)
             job.future.cancel()
-            self.metrics.pending.set(len(self.pending))
-            self._update_idle()
+            self._notify()
 
     def cancel_all(self) -> int:
         """Cancel every queued and running job (end of a drain's grace period); returns how many."""
@@ -110,7 +106,7 @@ class Scheduler:
         return self._lock
 
     async def wait_idle(self) -> None:
-        await self._idle.wait()
+        await self.wait_until(lambda: not self.pending and not self.running)
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Return once ``predicate()`` holds; it is re-checked whenever the queue changes."""
@@ -125,11 +121,6 @@ class Scheduler:
         task = asyncio.get_running_loop().create_task(notify(), name="zimage-queue-changed")
         self._notifications.add(task)
         task.add_done_callback(self._notifications.discard)
-
-    def _update_idle(self) -> None:
-        self._notify()
-        if not self.pending and not self.running:
-            self._idle.set()
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -147,7 +138,6 @@ class Scheduler:
                     batch = [self.pending[i] for i in decision.take]
                     for job in batch:
                         self.pending.remove(job)
-                    self.metrics.pending.set(len(self.pending))
                     await self._run_batch(batch)
                     continue
                 timeout = None if decision.wake_at is None else max(0.0, decision.wake_at - self.clock())
@@ -159,7 +149,7 @@ class Scheduler:
     async def _run_batch(self, batch: list[Job]) -> None:
         live = [job for job in batch if not job.future.done() and not job.work.cancel.is_set()]
         if not live:
-            self._update_idle()
+            self._notify()
             return
         now = self.clock()
         for job in live:
@@ -189,4 +179,4 @@ class Scheduler:
                 job.future.set_exception(output)
             else:
                 job.future.set_result(output)
-        self._update_idle()
+        self._notify()

@@ -67,7 +67,6 @@ async def swap_model(app: web.Application, source: str) -> dict[str, Any]:
             await runner.release()
         else:
             state.swapping = True
-            app[METRICS].ready.set(0)
             scheduler.pause()
             try:
                 async with scheduler.lock:
@@ -84,7 +83,6 @@ async def swap_model(app: web.Application, source: str) -> dict[str, Any]:
             finally:
                 scheduler.resume()
                 state.swapping = False
-                app[METRICS].ready.set(1 if state.ready else 0)
         app[CACHE].clear()
         describe_model(app, new)
         seconds = time.perf_counter() - started
@@ -98,7 +96,6 @@ async def drain(app: web.Application) -> int:
     jobs had to be cancelled when the grace period ran out."""
     state, scheduler = app[STATE], app[SCHEDULER]
     state.draining = True
-    app[METRICS].ready.set(0)
     log.info("drain_started", extra={"event": "drain_started", "pending": len(scheduler.pending)})
     cancelled = 0
     try:

@@ -140,6 +140,9 @@ async def test_models_health_ready_metrics_openapi(start_agent) -> None:
                  "zimage_model_load_seconds", "zimage_request_seconds_bucket"):  # fmt: skip
         assert name in metrics, name
     assert 'zimage_requests_total{route="/v1/generate",status="200"} 1.0' in metrics
+    # Gauges read live state: ready (warm, not swapping or draining), nothing left queued.
+    assert "\nzimage_ready 1.0\n" in metrics
+    assert "\npending_generation_tasks 0.0\n" in metrics
     spec = await (await client.get("/openapi.json")).json()
     assert spec["openapi"].startswith("3.")
     schemas = spec["components"]["schemas"]

@@ -100,6 +100,9 @@ async def test_readiness_is_down_during_a_drain_swap(start_agent, tiny_model_dir
     during = asyncio.create_task(client.post("/v1/generate", json=SMALL))
     scheduler = client.server.app[SCHEDULER]
     await asyncio.wait_for(scheduler.wait_until(lambda: len(scheduler.pending) == 1), WAIT_S)
+    metrics = await (await client.get("/metrics")).text()
+    assert "\nzimage_ready 0.0\n" in metrics
+    assert "\npending_generation_tasks 1.0\n" in metrics
     release.set()
     assert (await swap).status == 200
     assert (await during).status == 200
