@@ -7,6 +7,7 @@ Each API's request turns into the one ``GenerationRequest`` contract; then the s
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
@@ -127,19 +128,20 @@ class SwapRequest(BaseModel):
     model: str = Field(min_length=1, description="artifact or diffusers directory to load")
 
 
-def parse(model: type[BaseModel], data: Any) -> Any:
+def _validated(make: Callable[[], Any]) -> Any:
     try:
-        return model.model_validate(data)
+        return make()
     except ValidationError as exc:
         raise from_validation(exc) from exc
+
+
+def parse(model: type[BaseModel], data: Any) -> Any:
+    return _validated(lambda: model.model_validate(data))
 
 
 def to_generation(body: Any) -> GenerationRequest:
     """The body's GenerationRequest; its validation errors become 422s naming the body's field."""
-    try:
-        request: GenerationRequest = body.generation()
-    except ValidationError as exc:
-        raise from_validation(exc) from exc
+    request: GenerationRequest = _validated(body.generation)
     return request
 
 

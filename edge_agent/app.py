@@ -33,10 +33,9 @@ log = logging.getLogger(__name__)
 def default_loader(settings: AgentSettings) -> Loader:
     def load(source: str) -> LoadedPipeline:
         from quantize.artifact import load_model
-        from quantize.signing import load_public_key
+        from quantize.signing import load_public_keys
 
-        trusted = [load_public_key(path) for path in settings.trusted_keys]
-        return load_model(source, trusted=trusted or None)
+        return load_model(source, trusted=load_public_keys(settings.trusted_keys))
 
     return load
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class ApiError(Exception):
@@ -34,14 +37,10 @@ def error_response(
     )
 
 
-def from_validation(exc: Exception, prefix: str = "") -> ApiError:
+def from_validation(exc: ValidationError) -> ApiError:
     """A pydantic ValidationError as a 422 naming the first failing field."""
-    from pydantic import ValidationError
-
     from zimage_edge.request import describe_validation_error
 
-    if not isinstance(exc, ValidationError):
-        return ApiError(422, "invalid_request", str(exc))
     first = exc.errors()[0]
     field = ".".join(str(part) for part in first["loc"]) or None
-    return ApiError(422, "invalid_request", prefix + describe_validation_error(exc), field=field)
+    return ApiError(422, "invalid_request", describe_validation_error(exc), field=field)

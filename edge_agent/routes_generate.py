@@ -25,18 +25,14 @@ from edge_agent.api_models import (
     to_generation,
 )
 from edge_agent.errors import ApiError
-from edge_agent.keys import IMAGES, RUNNER, SETTINGS
+from edge_agent.keys import IMAGES, RUNNER
 
 routes = web.RouteTableDef()
 
 
 async def read_json(request: web.Request) -> Any:
     """The JSON body, or a 400 (malformed) / 413 (too large) as JSON errors."""
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        limit = request.app[SETTINGS].max_body_bytes
-        raise ApiError(413, "body_too_large", f"the body exceeds {limit} bytes") from exc
+    raw = await request.read()  # too large: the errors middleware answers 413
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

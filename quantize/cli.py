@@ -22,12 +22,6 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def trusted_keys(paths: list[str] | None) -> list:
-    from quantize.signing import load_public_key
-
-    return [load_public_key(Path(p)) for p in paths or []]
-
-
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -205,8 +199,9 @@ def _cmd_keys_generate(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from quantize.artifact import verify_artifact
+    from quantize.signing import load_public_keys
 
-    manifest, key = verify_artifact(Path(args.artifact), trusted_keys(args.trusted_key))
+    manifest, key = verify_artifact(Path(args.artifact), load_public_keys(args.trusted_key))
     signed = f", signature by key {key}" if key else ""
     print(f"{args.artifact}: {len(manifest.files)} files verified{signed}; variant {manifest.variant_name}")
     return 0

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -60,6 +61,11 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError(f"{path} is not an ed25519 public key")
     return key
+
+
+def load_public_keys(paths: Iterable[str | Path] | None) -> list[Ed25519PublicKey]:
+    """The trusted keys named on a command line or in settings (none when ``paths`` is empty)."""
+    return [load_public_key(Path(p)) for p in paths or []]
 
 
 def sign_bytes(data: bytes, key: Ed25519PrivateKey) -> bytes:

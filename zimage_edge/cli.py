@@ -99,10 +99,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from quantize.artifact import load_model
-    from quantize.cli import trusted_keys
+    from quantize.signing import load_public_keys
     from zimage_edge.model.generate import generate
 
-    loaded = load_model(model, trusted=trusted_keys(args.trusted_key), allow_download=args.allow_download)
+    loaded = load_model(model, trusted=load_public_keys(args.trusted_key), allow_download=args.allow_download)
     print(
         f"loaded {model} in {loaded.stats.seconds:.2f}s on {loaded.device} ({loaded.policy.dtype}); "
         f"rss +{loaded.stats.rss_delta / 2**20:.0f} MiB"
