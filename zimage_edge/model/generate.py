@@ -86,14 +86,13 @@ def generate_batch(
     requests: Sequence[GenerationRequest],
     *,
     on_step: ProgressFn | None = None,
-    cancel: threading.Event | None = None,
     cancels: Sequence[threading.Event | None] | None = None,
 ) -> list[GenerationResult]:
     """Run compatible requests (equal ``batch_key``) as one pipeline call.
 
-    ``cancel`` stops the whole batch (``GenerationCancelled``); ``cancels`` has one optional event per
-    request and removes just that request (its result comes back with ``cancelled=True``). When every
-    request is cancelled the batch stops.
+    ``cancels`` has one optional event per request and removes just that request (its result comes
+    back with ``cancelled=True``); when every request is cancelled the batch stops
+    (``GenerationCancelled``).
     """
     if not requests:
         return []
@@ -116,15 +115,16 @@ def generate_batch(
             return set()
         return {i for i, event in enumerate(cancels) if event is not None and event.is_set()}
 
-    def check_cancel(step: int) -> None:
-        if (cancel is not None and cancel.is_set()) or len(cancelled_requests()) == len(requests):
+    def check_cancel(step: int) -> set[int]:
+        dead = cancelled_requests()
+        if len(dead) == len(requests):
             raise GenerationCancelled(step, first.steps)
+        return dead
 
     def step_end(_pipe: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         if on_step is not None:
             on_step(index + 1, first.steps)
-        check_cancel(index + 1)
-        dead = cancelled_requests()
+        dead = check_cancel(index + 1)
         keep = [k for k, owner in enumerate(rows) if owner not in dead]
         if len(keep) == len(rows) or first.uses_cfg:
             return {}
@@ -136,8 +136,8 @@ def generate_batch(
     # no_grad, not inference_mode: quanto int4 kernels are autograd Functions that reject inference tensors.
     with torch.no_grad():
         prompt_embeds, negative_embeds = pipe.encode_prompt(
-            prompt=list(prompts),  # encode_prompt rewrites the lists it is given
-            negative_prompt=list(negatives) if first.uses_cfg else None,
+            prompt=prompts,
+            negative_prompt=negatives if first.uses_cfg else None,
             do_classifier_free_guidance=first.uses_cfg,
             device=device,
             max_sequence_length=first.max_sequence_length,
@@ -209,5 +209,5 @@ def generate(
     on_step: ProgressFn | None = None,
     cancel: threading.Event | None = None,
 ) -> GenerationResult:
-    """Generate the images of one request."""
-    return generate_batch(pipe, [request], on_step=on_step, cancel=cancel)[0]
+    """Generate the images of one request; ``cancel`` stops it (``GenerationCancelled``)."""
+    return generate_batch(pipe, [request], on_step=on_step, cancels=[cancel])[0]
