@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import functools
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -45,21 +46,29 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
-def read_safetensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+Header = tuple[dict[str, Any], int]  # a safetensors file's JSON header and where its data starts
+
+
+def read_header(path: Path) -> Header:
+    """Format: 8-byte little-endian header length, a JSON header of ``{name: {dtype, shape,
+    data_offsets}}`` (and ``__metadata__``), then the data."""
+    with path.open("rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        return json.loads(handle.read(header_len)), 8 + header_len
+
+
+def read_safetensors(path: Path, keys: list[str], header: Header | None = None) -> dict[str, torch.Tensor]:
     """Read some tensors of a safetensors file with plain reads into their final buffers.
 
     ``safe_open`` memory-maps the file, and every page it touches stays counted in the process's
     resident set until the mapping closes; reading into freshly allocated tensors keeps the resident
-    set at what the tensors themselves need. Format: 8-byte little-endian header length, a JSON
-    header of ``{name: {dtype, shape, data_offsets}}``, then the data.
+    set at what the tensors themselves need. ``header`` saves parsing it again (``read_header``).
     """
+    entries, data_start = header or read_header(path)
     with path.open("rb") as handle:
-        header_len = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(header_len))
-        data_start = 8 + header_len
         out: dict[str, torch.Tensor] = {}
         for key in keys:
-            entry = header[key]
+            entry = entries[key]
             begin, end = entry["data_offsets"]
             buffer = torch.empty(end - begin, dtype=torch.uint8)
             handle.seek(data_start + begin)
@@ -76,6 +85,7 @@ class SourceWeights:
         self.dir = component_dir
         indexes = sorted(component_dir.glob("*.safetensors.index.json"))
         self.key_file: dict[str, Path] = {}
+        self._headers: dict[Path, Header] = {}  # parsed once per file, read for every block
         if indexes:
             weight_map = json.loads(indexes[0].read_text())["weight_map"]
             self.key_file = {key: component_dir / name for key, name in weight_map.items()}
@@ -84,10 +94,14 @@ class SourceWeights:
             if not files:
                 raise ArtifactError(f"{component_dir} has no safetensors weights")
             for path in files:
-                with safe_open(str(path), framework="pt") as handle:
-                    self.key_file.update(dict.fromkeys(handle.keys(), path))
+                self.key_file.update(dict.fromkeys((k for k in self._header(path)[0] if k != "__metadata__"), path))
         # Checkpoints saved from a *ForCausalLM wrapper prefix the base model's keys with "model.".
         self.prefix = "model." if self.key_file and all(k.startswith("model.") for k in self.key_file) else ""
+
+    def _header(self, path: Path) -> Header:
+        if path not in self._headers:
+            self._headers[path] = read_header(path)
+        return self._headers[path]
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """Read ``keys`` (skeleton names) straight into fresh tensors, without memory-mapping the files."""
@@ -99,7 +113,7 @@ class SourceWeights:
             by_file.setdefault(self.key_file[source_key], []).append(key)
         tensors: dict[str, torch.Tensor] = {}
         for path, file_keys in by_file.items():
-            loaded = read_safetensors(path, [self.prefix + k for k in file_keys])
+            loaded = read_safetensors(path, [self.prefix + k for k in file_keys], self._header(path))
             tensors.update({k: loaded[self.prefix + k] for k in file_keys})
         return tensors
 
@@ -114,11 +128,17 @@ def release_freed_memory() -> None:
     A transformer block's linears are 10-40 MB each, so without this the resident set of a
     block-by-block run creeps up to the largest blocks' sum instead of one block.
     """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        return ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (musl, macOS): nothing to trim
-        return
-    libc.malloc_trim(0)
+        return None
 
 
 def iter_units(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
