@@ -121,17 +121,18 @@ def _text_encoder(size: ToySize, vocab_size: int) -> Qwen3Model:
     return Qwen3Model(config)
 
 
-def _vae(size: ToySize) -> AutoencoderKL:
-    # Four blocks give the real VAE's spatial factor of 8; no quant convs, like the Flux VAE.
+def toy_vae(block_channels: tuple[int, int, int, int], norm_groups: int = 32) -> AutoencoderKL:
+    """A 16-latent-channel VAE; four blocks give the real VAE's spatial factor of 8; no quant convs,
+    like the Flux VAE, and the Flux latent scale/shift (a trained VAE measures its own)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(size.vae_channels,) * 4,
+        block_out_channels=block_channels,
         layers_per_block=1,
         latent_channels=16,
-        norm_num_groups=32,
+        norm_num_groups=norm_groups,
         scaling_factor=FLUX_VAE_SCALING_FACTOR,
         shift_factor=FLUX_VAE_SHIFT_FACTOR,
         use_quant_conv=False,
@@ -139,14 +140,14 @@ def _vae(size: ToySize) -> AutoencoderKL:
     )
 
 
-def build_toy_pipeline(size: str = "tiny", seed: int = 0, size_spec: ToySize | None = None) -> ZImagePipeline:
+def build_toy_pipeline(size: str | ToySize = "tiny", seed: int = 0) -> ZImagePipeline:
     """Build a fp32 toy pipeline in memory; the same ``(size, seed)`` always gives the same weights.
 
-    ``size_spec`` overrides the named size with explicit dimensions.
+    ``size`` is a name of ``TOY_SIZES`` or explicit dimensions.
     """
-    if size_spec is None and size not in TOY_SIZES:
+    if isinstance(size, str) and size not in TOY_SIZES:
         raise ValueError(f"unknown toy size {size!r}; choose one of {sorted(TOY_SIZES)}")
-    dims = size_spec or TOY_SIZES[size]
+    dims = TOY_SIZES[size] if isinstance(size, str) else size
     tokenizer = build_byte_tokenizer()
     vocab_size = 256 + len(SPECIAL_TOKENS)
     # fork_rng keeps the caller's global RNG untouched while seeding every initializer.
@@ -154,7 +155,7 @@ def build_toy_pipeline(size: str = "tiny", seed: int = 0, size_spec: ToySize | N
         torch.manual_seed(seed)
         transformer = _transformer(dims)
         text_encoder = _text_encoder(dims, vocab_size)
-        vae = _vae(dims)
+        vae = toy_vae((dims.vae_channels,) * 4)
     return ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
         vae=vae.eval(),

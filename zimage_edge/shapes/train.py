@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from zimage_edge.model.toy import SCHEDULER_CONFIG, ToySize, build_toy_pipeline
+from zimage_edge.model.toy import SCHEDULER_CONFIG, ToySize, build_toy_pipeline, toy_vae
 from zimage_edge.shapes.data import IMAGE_SIZE, MARKER, Scene, all_scenes, dataset
 from zimage_edge.shapes.metric import Adherence
 
@@ -68,16 +68,10 @@ class TrainConfig:
 
 def build_pipeline(seed: int) -> Any:
     """The shapes model's architecture with fresh weights (real classes, small sizes)."""
-    from diffusers import AutoencoderKL
-
-    pipe = build_toy_pipeline("tiny", seed=seed, size_spec=SHAPES_SIZE)
+    pipe = build_toy_pipeline(SHAPES_SIZE, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        pipe.vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=VAE_CHANNELS, layers_per_block=1,
-            latent_channels=16, norm_num_groups=VAE_GROUPS, use_quant_conv=False, use_post_quant_conv=False,
-        )  # fmt: skip
+        pipe.vae = toy_vae(VAE_CHANNELS, VAE_GROUPS)
     return pipe
 
 
