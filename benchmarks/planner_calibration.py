@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from report import RESULTS, peak_rss, rss_now, write_results
+from report import RESULTS, peak_rss, rss_now, run_fresh, write_results
 
 CAPTION_TOKENS = 64
 
@@ -89,12 +87,7 @@ def measure_once(model: Path, stage: str, size: int) -> dict[str, Any]:
 
 
 def run_child(model: Path, stage: str, size: int) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", stage, "--model", str(model), "--sizes", str(size)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+    return run_fresh(__file__, "--child", stage, "--model", str(model), "--sizes", str(size))
 
 
 def factor(small: dict[str, Any], large: dict[str, Any]) -> float:

@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from report import RESULTS, peak_rss, rss_now, write_results
+from report import RESULTS, peak_rss, rss_now, run_fresh, write_results
 
 GIB = 1024**3
 REAL_CONFIG: dict[str, Any] = {
@@ -101,14 +99,7 @@ def child_naive(source: Path, out: Path) -> dict[str, Any]:
 
 
 def run_child(mode: str, source: Path, out: Path) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", mode, "--source", str(source), "--out", str(out)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        return {"error": f"exit {proc.returncode}", "stderr": proc.stderr[-2000:]}
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+    return run_fresh(__file__, "--child", mode, "--source", str(source), "--out", str(out), check=False)
 
 
 def measure(workdir: Path, layers: int, naive: bool) -> dict[str, Any]:

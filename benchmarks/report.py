@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import resource
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,18 @@ def rss_now() -> int:
 def peak_rss() -> int:
     """The highest resident memory of this process so far, in bytes (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_fresh(script: str, *args: str, check: bool = True) -> dict[str, Any]:
+    """Run ``script`` in a fresh interpreter (its own memory peak) and parse the JSON of its last line.
+
+    A failed child raises with ``check``, else comes back as ``{"error", "stderr"}``.
+    """
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=check)
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}", "stderr": proc.stderr[-2000:]}
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 def write_results(out: Path, name: str, data: dict[str, Any], text: str | None = None) -> Path:
