@@ -77,13 +77,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from zimage_edge.shapes.data import trained_size
 
     model = args.model if args.model is not None else str(PRETRAINED)
-    native = trained_size(model) or 1024  # the shapes model draws at its training size
+    # Unless given: the shapes model draws at its training size, other models at the request's default.
+    native = trained_size(model)
+    given = {"width": args.width, "height": args.height}
+    sizes = {name: native if value is None else value for name, value in given.items()}
     try:
         request = GenerationRequest(
             prompt=args.prompt,
             negative_prompt=args.negative_prompt,
-            width=native if args.width is None else args.width,
-            height=native if args.height is None else args.height,
+            **{name: value for name, value in sizes.items() if value is not None},
             steps=args.steps,
             guidance=args.guidance,
             seed=args.seed,
