@@ -20,14 +20,15 @@ from report import RESULTS, write_results
 
 
 def measure(variants: list[str], seeds: tuple[int, ...], workdir: Path) -> list[dict[str, Any]]:
-    from quantize.artifact import BuildOptions, build_artifact, load_artifact
+    from quantize.build import BuildOptions, build_artifact
+    from quantize.load import load_artifact
     from quantize.manifest import read_manifest
     from quantize.quality import QualitySpec
     from quantize.variants import get_variant
     from zimage_edge.device import detect_device
     from zimage_edge.model.loading import load_pipeline
     from zimage_edge.shapes import PRETRAINED
-    from zimage_edge.shapes.train import evaluate
+    from zimage_edge.shapes.evaluate import evaluate
 
     facts = detect_device()
     rows = []

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
@@ -14,25 +15,38 @@ from edge_agent import middleware
 from edge_agent.auth import Authenticator
 from edge_agent.cache import ResultCache
 from edge_agent.images import ImageStore
-from edge_agent.keys import AUTH, CACHE, DENY, IMAGES, METRICS, RUNNER, SCHEDULER, SETTINGS, STATE
+from edge_agent.keys import (
+    AUTH,
+    CACHE,
+    CLOCK,
+    DENY,
+    IMAGES,
+    METRICS,
+    PAGE,
+    RUNNER,
+    SCHEDULER,
+    SETTINGS,
+    STATE,
+    SWAP_LOCK,
+    SWAPS,
+)  # fmt: skip
 from edge_agent.metrics import Metrics
 from edge_agent.routes_generate import routes as generate_routes
-from edge_agent.routes_ops import PAGE, load_page
+from edge_agent.routes_ops import load_page
 from edge_agent.routes_ops import routes as ops_routes
-from edge_agent.runner import BatchFn, Loader, ModelRunner
-from edge_agent.scheduler import Scheduler
+from edge_agent.runner import BatchFn, Loader, ModelRunner, default_batch_fn
+from edge_agent.scheduler import Clock, Scheduler
 from edge_agent.settings import AgentSettings
 from edge_agent.state import AgentState
-from edge_agent.swap import SWAP_LOCK, describe_model
-from zimage_edge.model.generate import generate_batch
-from zimage_edge.model.loading import LoadedPipeline
+from edge_agent.swap import describe_model, planning_profile
+from quantize.identity import LoadedModel
 
 log = logging.getLogger(__name__)
 
 
 def default_loader(settings: AgentSettings) -> Loader:
-    def load(source: str) -> LoadedPipeline:
-        from quantize.artifact import load_model
+    def load(source: str) -> LoadedModel:
+        from quantize.models import load_model
         from quantize.signing import load_public_keys
 
         return load_model(source, trusted=load_public_keys(settings.trusted_keys))
@@ -41,22 +55,29 @@ def default_loader(settings: AgentSettings) -> Loader:
 
 
 def create_app(
-    settings: AgentSettings, *, loader: Loader | None = None, batch_fn: BatchFn = generate_batch
+    settings: AgentSettings,
+    *,
+    loader: Loader | None = None,
+    batch_fn: BatchFn = default_batch_fn,
+    clock: Clock = time.monotonic,
 ) -> web.Application:
-    """Build the agent. ``loader`` and ``batch_fn`` default to the real ones; tests may pass others."""
+    """Build the agent. ``loader`` and ``batch_fn`` default to the real ones; tests may pass others,
+    and a ``clock`` (monotonic seconds) that batching windows, rate limits and image expiry all read."""
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[middleware.observe, middleware.errors, middleware.authenticate],
     )
     app[SETTINGS] = settings
+    app[CLOCK] = clock
     app[METRICS] = Metrics.create()
     app[STATE] = state = AgentState()
     app[METRICS].ready.set_function(lambda: float(state.ready))
     app[CACHE] = ResultCache(settings.cache.max_bytes)
-    app[AUTH] = Authenticator(list(settings.api_keys))
-    app[IMAGES] = ImageStore(settings.image_ttl_s)
+    app[AUTH] = Authenticator(list(settings.api_keys), clock=clock)
+    app[IMAGES] = ImageStore(settings.image_ttl_s, clock=clock)
     app[DENY] = [re.compile(p, re.IGNORECASE) for p in settings.guard.deny]
     app[SWAP_LOCK] = asyncio.Lock()
+    app[SWAPS] = set()
     app[PAGE] = load_page()
     app.add_routes(generate_routes)
     app.add_routes(ops_routes)
@@ -70,7 +91,7 @@ def _runner_ctx(
     @contextlib.asynccontextmanager
     async def runner_ctx(app: web.Application) -> AsyncIterator[None]:
         runner = ModelRunner(loader, batch_fn)
-        scheduler = Scheduler(runner, app[SETTINGS].queue, app[METRICS])
+        scheduler = Scheduler(runner, app[SETTINGS].queue, app[METRICS], clock=app[CLOCK])
         app[RUNNER] = runner
         app[SCHEDULER] = scheduler
         loop_task = asyncio.create_task(scheduler.run_forever(), name="zimage-scheduler")
@@ -78,14 +99,14 @@ def _runner_ctx(
         try:
             yield
         finally:
-            for task in (start_task, loop_task):
+            tasks = [start_task, loop_task, *app[SWAPS]]
+            for task in tasks:
                 task.cancel()
-            for task in (start_task, loop_task):
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            # Their failures were logged where they happened (warm start, swap outcome).
+            await asyncio.gather(*tasks, return_exceptions=True)
             # Jobs still queued at this point had their drain grace period; they are told so.
-            scheduler.cancel_all()
-            runner.close()
+            scheduler.stop_all("the node is shutting down")
+            await runner.close()
 
     return runner_ctx
 
@@ -94,7 +115,7 @@ async def _warm_start(app: web.Application) -> None:
     """Load the model, run one small generation, then report ready. Logs ``model_loaded``."""
     settings, runner, state = app[SETTINGS], app[RUNNER], app[STATE]
     try:
-        loaded = await runner.load(settings.model)
+        loaded = await runner.load(settings.model, planning_profile(app))
         runner.install(loaded)
         describe_model(app, loaded)
         warm_sec = await runner.warm_model(loaded) if settings.warmup else 0.0
@@ -105,10 +126,11 @@ async def _warm_start(app: web.Application) -> None:
         log.exception("model_load_failed", extra={"event": "model_load_failed", "source": settings.model})
         state.warmed.set()
         return
+    identity, stats = loaded.model.identity, loaded.model.pipeline.stats
     log.info("model_loaded", extra={
-        "event": "model_loaded", "source": settings.model, "variant": runner.identity.get("variant"),
-        "dtype": loaded.policy.dtype, "device": loaded.device, "duration_sec": round(loaded.stats.seconds, 4),
-        "warmup_sec": round(warm_sec, 4), "rss_delta": loaded.stats.rss_delta,
+        "event": "model_loaded", "source": settings.model, "variant": identity.variant,
+        "artifact_id": identity.id, "dtype": identity.dtype, "device": identity.device,
+        "duration_sec": round(stats.seconds, 4), "warmup_sec": round(warm_sec, 4), "rss_delta": stats.rss_delta,
     })  # fmt: skip
     state.warm = True
     state.warmed.set()

@@ -1,7 +1,7 @@
 """An LRU cache of generated results, bounded in bytes.
 
 Only requests with an explicit seed are cacheable (without one, every call must draw anew). The key
-is the loaded artifact's hash plus the normalised request, so a model swap never serves stale images.
+is the loaded model's identity plus the normalised request, so a model swap never serves stale images.
 """
 
 from __future__ import annotations
@@ -10,17 +10,16 @@ import hashlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
-from edge_agent.runner import JobOutput
+from edge_agent.jobs import JobOutput
 from zimage_edge.request import GenerationRequest
 
 
-def cache_key(artifact: str, request: GenerationRequest, output_format: str) -> str | None:
+def cache_key(model_id: str, request: GenerationRequest, output_format: str) -> str | None:
     if request.seed is None:
         return None
     normalised = json.dumps(
-        {"artifact": artifact, "format": output_format, "request": request.model_dump(mode="json")}, sort_keys=True
+        {"model": model_id, "format": output_format, "request": request.model_dump(mode="json")}, sort_keys=True
     )
     return hashlib.sha256(normalised.encode()).hexdigest()
 
@@ -61,6 +60,3 @@ class ResultCache:
 
     def __len__(self) -> int:
         return len(self._items)
-
-    def stats(self) -> dict[str, Any]:
-        return {"entries": len(self._items), "bytes": self.bytes, "max_bytes": self.max_bytes}

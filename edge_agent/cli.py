@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from zimage_edge.cli import UsageError
+from zimage_edge.errors import UsageError
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -1,8 +1,11 @@
-"""Typed keys of the objects an app holds (no module-level globals)."""
+"""Typed keys of every object an app holds (no module-level globals), all in this one module."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -24,6 +27,10 @@ CACHE = web.AppKey("cache", ResultCache)
 AUTH = web.AppKey("auth", Authenticator)
 IMAGES = web.AppKey("images", ImageStore)
 DENY = web.AppKey("deny", list[re.Pattern[str]])
+CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")  # monotonic seconds; tests inject their own
+SWAP_LOCK = web.AppKey("swap_lock", asyncio.Lock)
+SWAPS = web.AppKey("swaps", set[asyncio.Task[dict[str, Any]]])  # swaps in flight, owned by the app
+PAGE = web.AppKey("page", str)
 
 # Per-request values left by the auth middleware.
 CALLER = web.RequestKey("caller", str)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import asyncio
 from importlib import resources
 
 from aiohttp import web
@@ -11,16 +11,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from edge_agent import service
 from edge_agent.api_models import SwapRequest, parse
 from edge_agent.errors import ApiError
-from edge_agent.keys import ADMIN, AUTH, METRICS, RUNNER, SETTINGS, STATE
+from edge_agent.keys import ADMIN, AUTH, METRICS, PAGE, RUNNER, SETTINGS, STATE
 from edge_agent.openapi import openapi_document
 from edge_agent.routes_generate import read_json
-from edge_agent.swap import swap_model
-from quantize.manifest import ArtifactError
-from zimage_edge.model.loading import ModelLoadError
+from edge_agent.swap import ModelLost, start_swap
+from zimage_edge.errors import ZimageEdgeError
+from zimage_edge.request import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE
 
 routes = web.RouteTableDef()
-PAGE = web.AppKey("page", str)
-STARTED = time.time()
 
 
 @routes.get("/healthz")
@@ -41,8 +39,8 @@ async def readyz(request: web.Request) -> web.Response:
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     app_metrics = request.app[METRICS]
-    loaded = request.app[RUNNER].loaded
-    if loaded is not None and loaded.device == "cuda":
+    identity = request.app[RUNNER].identity
+    if identity is not None and identity.device == "cuda":
         import torch
 
         app_metrics.gpu_memory.set(torch.cuda.memory_allocated())
@@ -51,19 +49,26 @@ async def metrics(request: web.Request) -> web.Response:
 
 @routes.get("/v1/models")
 async def models(request: web.Request) -> web.Response:
-    """The loaded model in the OpenAI list format, with its manifest summary as extra fields."""
+    """The loaded model in the OpenAI list format, with its identity, sizes and manifest summary."""
     identity = request.app[RUNNER].identity
-    if not identity:
+    if identity is None:
         return web.json_response({"object": "list", "data": []})
+    guard = request.app[SETTINGS].guard
     entry = {
-        "id": identity["variant"],
+        "id": identity.variant,
         "object": "model",
-        "created": int(STARTED),
+        "created": int(identity.loaded_at),
         "owned_by": "zimage-edge",
         "node": request.app[SETTINGS].node_name,
-        "source": identity["id"],
-        **{k: identity.get(k) for k in ("variant", "dtype", "device", "artifact", "source_sha256", "quality")},
-        "components": identity.get("components"),
+        **identity.summary(),
+        # What a client may ask for: the model's own size by default, any multiple within the limits.
+        "sizes": {
+            "default": {"width": identity.default_size, "height": identity.default_size},
+            "min": MIN_SIDE,
+            "max": min(MAX_SIDE, guard.max_side),
+            "multiple": SIZE_MULTIPLE,
+            "max_images": guard.max_images,
+        },
     }
     return web.json_response({"object": "list", "data": [entry]})
 
@@ -83,9 +88,13 @@ async def admin_model(request: web.Request) -> web.Response:
     body: SwapRequest = parse(SwapRequest, await read_json(request))
     if request.app[STATE].draining:
         raise ApiError(503, "draining", "the node is draining; no swaps")
+    # The swap belongs to the app: if this client leaves, only its wait is cancelled.
+    swap = start_swap(request.app, body.model)
     try:
-        result = await swap_model(request.app, body.model)
-    except (ModelLoadError, ArtifactError, FileNotFoundError, ValueError) as exc:
+        result = await asyncio.shield(swap)
+    except ModelLost as exc:
+        raise ApiError(503, "model_lost", f"{exc}; the node has no model until a swap succeeds") from exc
+    except ZimageEdgeError as exc:
         raise ApiError(422, "model_load_failed", f"{exc}; the previous model keeps serving", field="model") from exc
     return web.json_response(result)
 

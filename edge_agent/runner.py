@@ -1,59 +1,51 @@
-"""The model runner: the loaded pipeline, the one executor thread that drives it, and model swaps.
+"""The model runner: the loaded model, the one executor thread that drives it, and model swaps.
 
 All model work (loading, generation, encoding the images it made) runs in executors owned here: one
 worker thread for generation, because one GPU runs one batch at a time, and one for loading, so a
 swap can load the next model while the current one keeps serving. The event loop only awaits.
+This is the only module of the agent that touches the model stack, and it imports it lazily.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import hashlib
 import io
-import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from zimage_edge.model.generate import GenerationCancelled, GenerationResult, generate_batch
-from zimage_edge.model.loading import LoadedPipeline
-from zimage_edge.request import GenerationRequest
+from edge_agent.budget import RequestBudget, make_budget
+from edge_agent.jobs import MIME, JobOutput, Work
+from quantize.identity import LoadedModel, ModelIdentity
+from quantize.profiles import DeviceProfile
+from zimage_edge.errors import GenerationCancelled, ZimageEdgeError
+from zimage_edge.request import MIN_SIDE, GenerationRequest
 
 log = logging.getLogger(__name__)
 
-MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+Loader = Callable[[str], LoadedModel]
+# ``generate_batch(pipe, requests, on_step=..., cancels=...)`` or a stand-in with its signature.
+BatchFn = Callable[..., list[Any]]
 
-Loader = Callable[[str], LoadedPipeline]
-BatchFn = Callable[..., list[GenerationResult]]
+
+@dataclass(frozen=True)
+class Loaded:
+    """A model ready to install, and its request budget."""
+
+    model: LoadedModel
+    budget: RequestBudget
 
 
-class OutOfMemory(RuntimeError):
+class OutOfMemory(ZimageEdgeError):
     """The device ran out of memory even for this request alone."""
 
 
-@dataclass
-class JobOutput:
-    images: list[bytes]
-    mime: str
-    seeds: list[int]
-    timings: dict[str, float | int]
-    gpu_seconds: float
-    cancelled: bool = False
-
-
-@dataclass(eq=False)
-class Work:
-    """What the runner needs of a job: the request, its output format, its cancel event, its progress."""
-
-    request: GenerationRequest
-    output_format: str = "png"
-    cancel: threading.Event = field(default_factory=threading.Event)
-    on_step: Callable[[int, int], None] | None = None
+class NoModel(ZimageEdgeError):
+    """No model is loaded (a swap failed and the previous model could not be restored)."""
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -76,48 +68,42 @@ def encode(image: Any, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def model_identity(loaded: LoadedPipeline) -> dict[str, Any]:
-    """What is loaded, for /v1/models, metrics and cache keys."""
-    manifest = loaded.manifest or {}
-    variant = manifest.get("variant", {}).get("name", "diffusers")
-    digest = manifest.get("source", {}).get("sha256", "")
-    files = manifest.get("files", {})
-    # An artifact is identified by the hashes of its files; a plain directory only by its path.
-    listing = json.dumps(sorted((k, v["sha256"]) for k, v in files.items())) if files else loaded.source
-    artifact_hash = hashlib.sha256(listing.encode()).hexdigest()
-    return {
-        "id": loaded.source,
-        "variant": variant,
-        "dtype": loaded.policy.dtype,
-        "device": loaded.device,
-        "source_sha256": digest,
-        "artifact": artifact_hash,
-        "quality": manifest.get("quality"),
-        "components": manifest.get("components"),
-    }
+def default_batch_fn(pipe: Any, requests: Sequence[GenerationRequest], **kwargs: Any) -> list[Any]:
+    from zimage_edge.model.generate import generate_batch
+
+    return generate_batch(pipe, requests, **kwargs)
 
 
 class ModelRunner:
-    def __init__(self, loader: Loader, batch_fn: BatchFn = generate_batch) -> None:
+    def __init__(self, loader: Loader, batch_fn: BatchFn = default_batch_fn) -> None:
         self._loader = loader
         self._batch_fn = batch_fn
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zimage-model")
         self.load_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zimage-load")
-        self.loaded: LoadedPipeline | None = None
-        self.identity: dict[str, Any] = {}
+        self.model: LoadedModel | None = None
+        self.budget: RequestBudget | None = None  # what the loaded model can take on this device
 
-    async def load(self, source: str) -> LoadedPipeline:
+    @property
+    def identity(self) -> ModelIdentity | None:
+        """The loaded model's identity (None while no model is loaded)."""
+        return self.model.identity if self.model is not None else None
+
+    async def load(self, source: str, profile: DeviceProfile | None = None) -> Loaded:
+        """Load ``source`` in the load thread, and work out what it can take on this device."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.load_executor, self._loader, source)
+        return await loop.run_in_executor(self.load_executor, self._load_sync, source, profile)
 
-    def install(self, loaded: LoadedPipeline) -> None:
+    def _load_sync(self, source: str, profile: DeviceProfile | None) -> Loaded:
+        model = self._loader(source)
+        return Loaded(model, make_budget(model, profile))
+
+    def install(self, loaded: Loaded) -> None:
         """Switch to ``loaded``; callers do it between batches."""
-        self.loaded = loaded
-        self.identity = model_identity(loaded)
+        self.model, self.budget = loaded.model, loaded.budget
 
     async def unload(self) -> None:
         """Drop the current model and return its memory (between batches)."""
-        self.loaded = None
+        self.model = self.budget = None
         await self.release()
 
     async def release(self) -> None:
@@ -125,12 +111,12 @@ class ModelRunner:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, _free_device_cache)
 
-    async def warm_model(self, loaded: LoadedPipeline) -> float:
+    async def warm_model(self, loaded: Loaded) -> float:
         """One small generation on ``loaded`` (kernels, allocator, caches); returns its seconds."""
-        request = GenerationRequest(prompt="warm-up", width=64, height=64, steps=1, seed=0)
+        request = GenerationRequest(prompt="warm-up", width=MIN_SIDE, height=MIN_SIDE, steps=1, seed=0)
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        await loop.run_in_executor(self.executor, self._generate, loaded, [Work(request)])
+        await loop.run_in_executor(self.executor, self._generate, loaded.model, [Work(request)])
         return time.perf_counter() - started
 
     async def run(self, batch: Sequence[Work]) -> list[JobOutput | BaseException]:
@@ -140,11 +126,11 @@ class ModelRunner:
     # --- in the model thread ---------------------------------------------------------------------
 
     def _run_sync(self, batch: list[Work]) -> list[JobOutput | BaseException]:
-        loaded = self.loaded
-        if loaded is None:
-            return [RuntimeError("no model is loaded") for _ in batch]
+        model = self.model
+        if model is None:
+            return [NoModel("no model is loaded") for _ in batch]
         try:
-            return self._generate(loaded, batch)
+            return self._generate(model, batch)
         except BaseException as exc:
             if not _is_oom(exc):
                 raise
@@ -157,7 +143,7 @@ class ModelRunner:
             middle = len(batch) // 2
             return self._run_sync(batch[:middle]) + self._run_sync(batch[middle:])
 
-    def _generate(self, loaded: LoadedPipeline, batch: list[Work]) -> list[JobOutput | BaseException]:
+    def _generate(self, model: LoadedModel, batch: list[Work]) -> list[JobOutput | BaseException]:
         def on_step(done: int, total: int) -> None:
             for work in batch:
                 if work.on_step is not None and not work.cancel.is_set():
@@ -166,7 +152,7 @@ class ModelRunner:
         started = time.perf_counter()
         try:
             results = self._batch_fn(
-                loaded.pipe, [w.request for w in batch], on_step=on_step, cancels=[w.cancel for w in batch]
+                model.pipe, [w.request for w in batch], on_step=on_step, cancels=[w.cancel for w in batch]
             )
         except GenerationCancelled as exc:
             return [exc for _ in batch]
@@ -189,6 +175,7 @@ class ModelRunner:
             )
         return outputs
 
-    def close(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
-        self.load_executor.shutdown(wait=True, cancel_futures=True)
+    async def close(self) -> None:
+        """Stop both executors; waits for a running batch or load in a thread, not on the event loop."""
+        for executor in (self.executor, self.load_executor):
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)

@@ -17,9 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edge_agent.batching import Pending, collate
+from edge_agent.jobs import JobOutput, Work
 from edge_agent.metrics import Metrics
-from edge_agent.runner import JobOutput, ModelRunner, Work
+from edge_agent.runner import ModelRunner
 from edge_agent.settings import QueueSettings
+from zimage_edge.errors import GenerationCancelled
 from zimage_edge.request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,14 @@ class Job:
     enqueued_at: float
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     started_at: float | None = None
+    stopped: str | None = None  # why the node stopped it (drain): its client gets an answer, not a cut
+
+    def stop(self, reason: str) -> None:
+        """End the job on the node's behalf: its client is told why (a 503), its work stops."""
+        self.stopped = reason
+        self.work.cancel.set()
+        if not self.future.done():
+            self.future.set_exception(GenerationCancelled(0, self.request.steps, reason))
 
     @property
     def request(self) -> GenerationRequest:
@@ -85,11 +95,14 @@ class Scheduler:
             job.future.cancel()
             self._notify()
 
-    def cancel_all(self) -> int:
-        """Cancel every queued and running job (end of a drain's grace period); returns how many."""
+    def stop_all(self, reason: str) -> int:
+        """Stop every queued and running job (end of a drain's grace period, shutdown); their clients
+        get a 503 saying ``reason``. Returns how many."""
         jobs = [*self.pending, *self.running]
         for job in jobs:
-            self.withdraw(job)
+            job.stop(reason)
+        self.pending.clear()
+        self._notify()
         return len(jobs)
 
     # --- control ---------------------------------------------------------------------------------
@@ -158,7 +171,7 @@ class Scheduler:
         self.metrics.batch_size.observe(sum(j.request.num_images for j in live))
         self.running = live
         self._notify()
-        started = time.perf_counter()
+        started = self.clock()
         try:
             async with self._lock:
                 outputs = await self.runner.run([job.work for job in live])
@@ -167,12 +180,12 @@ class Scheduler:
             outputs = [exc for _ in live]
         finally:
             self.running = []
-        elapsed = time.perf_counter() - started
+        elapsed = self.clock() - started
         self.metrics.generation_seconds.observe(elapsed)
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
         for job, output in zip(live, outputs, strict=True):
             if job.future.done():
-                continue
+                continue  # stopped by the node, or its client left: already answered
             if job.work.cancel.is_set():
                 job.future.cancel()  # its client is gone: nobody will read an answer
             elif isinstance(output, BaseException):

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from edge_agent.api_models import apply_guard
+from edge_agent.budget import OverBudget
 from edge_agent.cache import cache_key
 from edge_agent.errors import ApiError
+from edge_agent.jobs import JobOutput, Work
 from edge_agent.keys import AUTH, CACHE, CALLER, DENY, METRICS, RUNNER, SCHEDULER, SETTINGS, STATE
-from edge_agent.runner import JobOutput, OutOfMemory, Work
+from edge_agent.runner import NoModel, OutOfMemory
 from edge_agent.scheduler import Job, QueueFull
-from zimage_edge.model.generate import GenerationCancelled
+from zimage_edge.errors import GenerationCancelled
 from zimage_edge.request import GenerationRequest
 
 ANONYMOUS = "anonymous"
@@ -44,6 +46,12 @@ def caller(request: web.Request) -> str:
     return str(request.get(CALLER, ANONYMOUS))
 
 
+def model_name(app: web.Application) -> str:
+    """The loaded model's variant name, as the APIs answer it ("" while none is loaded)."""
+    identity = app[RUNNER].identity
+    return identity.variant if identity is not None else ""
+
+
 def admit(
     request: web.Request, gen: GenerationRequest, *, output_format: str = "png", on_step: StepFn | None = None
 ) -> Admitted:
@@ -53,8 +61,17 @@ def admit(
     if not state.accepting:
         raise ApiError(503, "not_ready", f"not accepting work: {state.reason()}", headers={"Retry-After": "5"})
     apply_guard(gen, app[SETTINGS].guard, app[DENY])
+    runner = app[RUNNER]
+    # During a drain swap no model is loaded for a moment: requests queue for the next one unchecked
+    # (the guard's static limits still applied), like any request admitted before a swap.
+    identity, budget = runner.identity, runner.budget
+    if budget is not None:
+        try:
+            budget.check(gen)
+        except OverBudget as exc:
+            raise ApiError(422, "over_device_budget", exc.message, field="num_images") from exc
     cache = app[CACHE]
-    key = cache_key(app[RUNNER].identity.get("artifact", ""), gen, output_format) if cache.max_bytes else None
+    key = cache_key(identity.id, gen, output_format) if cache.max_bytes and identity is not None else None
     if key is not None:
         hit = cache.get(key)
         if hit is not None:
@@ -96,7 +113,10 @@ async def wait(request: web.Request, admitted: Admitted) -> Served:
     except OutOfMemory as exc:
         raise ApiError(503, "out_of_memory", str(exc), headers={"Retry-After": "10"}) from exc
     except GenerationCancelled as exc:
-        raise ApiError(503, "cancelled", "the request was cancelled (the node is draining)") from exc
+        why = exc.reason or "the node is draining"
+        raise ApiError(503, "cancelled", f"the request was stopped: {why}", headers={"Retry-After": "5"}) from exc
+    except NoModel as exc:
+        raise ApiError(503, "no_model", f"{exc}: {app[STATE].reason()}", headers={"Retry-After": "5"}) from exc
     _meter(request, admitted.request, output)
     if admitted.cache_key is not None:
         app[CACHE].put(admitted.cache_key, output)

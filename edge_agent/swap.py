@@ -1,4 +1,9 @@
-"""Hot model swap and graceful drain."""
+"""Hot model swap and graceful drain.
+
+A swap runs as a task of the app, not of the HTTP request that asked for it: a client that
+disconnects (or times out) mid-swap cancels only its wait, never the swap, so the node is never left
+between two models. Swaps are serialised by one lock.
+"""
 
 from __future__ import annotations
 
@@ -9,99 +14,142 @@ from typing import Any
 
 from aiohttp import web
 
-from edge_agent.keys import CACHE, METRICS, RUNNER, SCHEDULER, SETTINGS, STATE
+from edge_agent.keys import CACHE, METRICS, RUNNER, SCHEDULER, SETTINGS, STATE, SWAP_LOCK, SWAPS
+from edge_agent.runner import Loaded
+from quantize.models import inspect_source
+from quantize.profiles import DeviceProfile, get_profile
+from quantize.signing import load_public_keys
 from zimage_edge.device import detect_device
-from zimage_edge.model.loading import LoadedPipeline
+from zimage_edge.errors import ZimageEdgeError
 
 log = logging.getLogger(__name__)
 
-SWAP_LOCK = web.AppKey("swap_lock", asyncio.Lock)
 # Headroom over the new model's weights when deciding whether old and new fit side by side:
 # weights are not all a model needs while loading (conversion buffers, allocator slack).
 SWAP_HEADROOM = 1.25
 
 
-def model_bytes(source: str) -> int:
-    """Bytes of the weight files of an artifact or diffusers directory (0 when unknown)."""
-    from pathlib import Path
-
-    path = Path(source)
-    if not path.is_dir():
-        return 0
-    return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
+class ModelLost(ZimageEdgeError):
+    """A drain swap failed and the previous model could not be loaded again: the node has no model."""
 
 
-def fits_beside(source: str) -> bool:
-    """Whether ``source`` can load while the current model stays (blocking: file sizes, device query)."""
-    return model_bytes(source) * SWAP_HEADROOM < detect_device().free_memory
+def fits_beside(weight_bytes: int) -> bool:
+    """Whether a model of ``weight_bytes`` can load while the current one stays (blocking: device query)."""
+    return weight_bytes * SWAP_HEADROOM < detect_device().free_memory
 
 
-def describe_model(app: web.Application, loaded: LoadedPipeline) -> None:
-    identity = app[RUNNER].identity
-    app[METRICS].model.info({k: str(identity.get(k, "")) for k in ("id", "variant", "dtype", "device", "artifact")})
-    app[METRICS].model_load_seconds.set(loaded.stats.seconds)
+def planning_profile(app: web.Application) -> DeviceProfile | None:
+    """The device profile requests are budgeted against: the configured one, else the detected device."""
+    name = app[SETTINGS].device_profile
+    return get_profile(name) if name else None
+
+
+def describe_model(app: web.Application, loaded: Loaded) -> None:
+    identity = loaded.model.identity
+    app[METRICS].model.info({
+        "artifact_id": identity.id, "variant": identity.variant, "source": identity.source,
+        "dtype": identity.dtype, "device": identity.device,
+    })  # fmt: skip
+    app[METRICS].model_load_seconds.set(loaded.model.pipeline.stats.seconds)
+
+
+def start_swap(app: web.Application, source: str) -> asyncio.Task[dict[str, Any]]:
+    """Start a swap owned by the app (cancelled only at shutdown); callers await it shielded."""
+    task = asyncio.create_task(swap_model(app, source), name="zimage-swap")
+    app[SWAPS].add(task)
+    task.add_done_callback(app[SWAPS].discard)
+    task.add_done_callback(_log_failure)
+    return task
+
+
+def _log_failure(task: asyncio.Task[dict[str, Any]]) -> None:
+    """A swap's failure is logged here, whether or not its client is still waiting for the answer."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.warning("swap_failed", extra={"event": "swap_failed", "error": str(exc)})
 
 
 async def swap_model(app: web.Application, source: str) -> dict[str, Any]:
     """Load ``source`` and switch to it between batches; the old model serves until then.
 
-    When old and new cannot both fit, readiness goes down, the running batch finishes, the old model
-    is unloaded and the new one loaded (queued requests wait); if that load fails, the old model is
-    loaded again. A failed load never leaves the node without a model.
+    The source is checked first (layout, manifest, trust) without reading its weights. When old
+    and new cannot both fit, readiness goes down, the running batch finishes, the old model is
+    unloaded and the new one loaded (queued requests wait); if that load fails, the old model is
+    loaded again, and if even that fails the node reports no model (not ready) and says so.
     """
-    runner, scheduler, state = app[RUNNER], app[SCHEDULER], app[STATE]
-    strategy = app[SETTINGS].swap_strategy
+    runner, scheduler, state, settings = app[RUNNER], app[SCHEDULER], app[STATE], app[SETTINGS]
+    profile = planning_profile(app)
     async with app[SWAP_LOCK]:
-        old = runner.loaded
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        overlap = strategy == "overlap" or (
-            strategy == "auto" and await loop.run_in_executor(runner.load_executor, fits_beside, source)
+        trusted = load_public_keys(settings.trusted_keys)
+        weight_bytes = await loop.run_in_executor(runner.load_executor, inspect_source, source, trusted)
+        overlap = settings.swap_strategy == "overlap" or (
+            settings.swap_strategy == "auto"
+            and await loop.run_in_executor(runner.load_executor, fits_beside, weight_bytes)
         )
         if overlap:
-            new = await runner.load(source)  # ModelLoadError/ArtifactError: the old model keeps serving
+            new = await runner.load(source, profile)  # a failure here leaves the old model serving
             await runner.warm_model(new)
             async with scheduler.lock:  # between batches
                 runner.install(new)
-            del old
             await runner.release()
         else:
-            state.swapping = True
-            scheduler.pause()
-            try:
-                async with scheduler.lock:
-                    old_source = old.source if old else None
-                    await runner.unload()
-                    del old
-                    try:
-                        new = await runner.load(source)
-                    except Exception:
-                        if old_source is not None:
-                            runner.install(await runner.load(old_source))
-                        raise
-                    runner.install(new)
-            finally:
-                scheduler.resume()
-                state.swapping = False
+            new = await _drain_swap(app, source, profile)
+        state.lost = None
         app[CACHE].clear()
         describe_model(app, new)
         seconds = time.perf_counter() - started
         log.info("model_swapped", extra={"event": "model_swapped", "source": source, "overlap": overlap,
                                          "duration_sec": round(seconds, 3)})  # fmt: skip
-        return {"model": runner.identity, "strategy": "overlap" if overlap else "drain", "duration_sec": seconds}
+        identity = new.model.identity
+        return {"model": identity.summary(), "strategy": "overlap" if overlap else "drain", "duration_sec": seconds}
+
+
+async def _drain_swap(app: web.Application, source: str, profile: DeviceProfile | None) -> Loaded:
+    runner, scheduler, state = app[RUNNER], app[SCHEDULER], app[STATE]
+    state.swapping = True
+    scheduler.pause()
+    try:
+        async with scheduler.lock:
+            old_source = runner.identity.source if runner.identity else None
+            await runner.unload()
+            try:
+                new = await runner.load(source, profile)
+            except BaseException as exc:  # a failed load, or the app shutting down mid-swap
+                if old_source is not None:
+                    await _restore(app, old_source, profile, exc)
+                raise
+            runner.install(new)
+            return new
+    finally:
+        scheduler.resume()
+        state.swapping = False
+
+
+async def _restore(app: web.Application, old_source: str, profile: DeviceProfile | None, why: BaseException) -> None:
+    runner, state = app[RUNNER], app[STATE]
+    try:
+        runner.install(await runner.load(old_source, profile))
+    except Exception as exc:
+        state.lost = f"loading the new model failed ({why}) and reloading {old_source} failed ({exc})"
+        log.exception("model_lost", extra={"event": "model_lost", "source": old_source})
+        raise ModelLost(state.lost) from exc
 
 
 async def drain(app: web.Application) -> int:
     """Stop taking work, let queued and running jobs finish within the grace period; returns how many
-    jobs had to be cancelled when the grace period ran out."""
+    jobs had to be stopped when the grace period ran out (their clients get a 503)."""
     state, scheduler = app[STATE], app[SCHEDULER]
     state.draining = True
     log.info("drain_started", extra={"event": "drain_started", "pending": len(scheduler.pending)})
-    cancelled = 0
+    stopped = 0
     try:
         await asyncio.wait_for(scheduler.wait_idle(), app[SETTINGS].drain_grace_s)
     except TimeoutError:
-        cancelled = scheduler.cancel_all()
+        stopped = scheduler.stop_all("the node is shutting down")
     state.drained.set()
-    log.info("drain_done", extra={"event": "drain_done", "cancelled": cancelled})
-    return cancelled
+    log.info("drain_done", extra={"event": "drain_done", "cancelled": stopped})
+    return stopped

@@ -39,3 +39,8 @@ VAE_ACT_FACTOR = 6.0
 TEXT_ENCODER_LIVE_FACTOR = 8.0
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# The quality gate compares images at 256x256 by default: a sixteenth of the pixels of 1024x1024, so
+# the reference and the candidate both run in seconds even where the gate runs on a CPU; a shapes
+# model is compared at its own size, and ``zimage-edge quantize --quality-size`` raises it.
+QUALITY_GATE_SIDE = 256

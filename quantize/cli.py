@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from quantize.variants import VARIANTS
-from zimage_edge.cli import UsageError
+from quantize.calibration import QUALITY_GATE_SIDE
+from quantize.variants import VARIANTS, QType
+from zimage_edge.errors import UsageError
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -45,16 +46,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         raise UsageError("--no-quality needs --force: the artifact would carry no measured quality")
     if Path(args.out).exists():
         raise UsageError(f"{args.out} already exists")
+    from quantize.quality import QualitySpec
     from zimage_edge.shapes.data import trained_size
 
     native = trained_size(args.source)
-    default_size = f"{native}x{native}" if native else "256x256"
-    width, height = parse_size(args.quality_size or default_size)
+    side = native or QUALITY_GATE_SIDE
+    width, height = parse_size(args.quality_size) if args.quality_size else (side, side)
 
     from tqdm import tqdm
 
-    from quantize.artifact import BuildOptions, build_artifact
-    from quantize.quality import QualitySpec
+    from quantize.build import BuildOptions, build_artifact
     from quantize.signing import load_private_key
 
     sign_key = load_private_key(Path(args.sign_key)) if args.sign_key else None
@@ -198,7 +199,7 @@ def _cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from quantize.artifact import verify_artifact
+    from quantize.manifest import verify_artifact
     from quantize.signing import load_public_keys
 
     manifest, key = verify_artifact(Path(args.artifact), load_public_keys(args.trusted_key))
@@ -213,14 +214,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     qz.add_argument("--source", required=True, help="diffusers directory or Hugging Face id (cached)")
     qz.add_argument("--variant", required=True, choices=list(VARIANTS), help="recipe from the variant table")
     qz.add_argument("--out", required=True, help="artifact directory to create")
-    qz.add_argument(
-        "--text-encoder", choices=["none", "qint8", "qfloat8_e4m3fn", "qint4"], help="override the text encoder qtype"
-    )
+    qz.add_argument("--text-encoder", choices=["none", *map(str, QType)], help="override the text encoder qtype")
     qz.add_argument("--sign-key", help="ed25519 private key (PEM) to sign the manifest with")
     qz.add_argument("--force", action="store_true", help="keep a variant that misses its quality thresholds")
     qz.add_argument("--no-quality", action="store_true", help="skip the quality gate (needs --force)")
     qz.add_argument(
-        "--quality-size", default=None, help="resolution of the quality gate (default 256x256; a shapes model's own)"
+        "--quality-size",
+        default=None,
+        help=f"resolution of the quality gate (default {QUALITY_GATE_SIDE}x{QUALITY_GATE_SIDE}; a shapes model's own)",
     )
     qz.add_argument("--quality-seeds", default="0", help="comma-separated seeds of the quality gate (default 0)")
     qz.add_argument("--min-psnr", type=float, help="override the variant's minimum PSNR (dB)")

@@ -30,6 +30,9 @@ from quantize.profiles import DeviceProfile
 from quantize.specs import Z_IMAGE_TURBO, ComponentSpec, ModelSpec
 from quantize.variants import QTYPES, VARIANTS, ComponentRecipe, VariantRecipe
 from zimage_edge.device import GIB
+from zimage_edge.request import DEFAULT_MAX_SEQUENCE_LENGTH, SIZE_MULTIPLE, GenerationRequest
+
+_REQUEST = GenerationRequest.model_fields
 
 
 class Placement(StrEnum):
@@ -45,15 +48,15 @@ DEDICATED_ONLY = frozenset({Placement.MODEL_OFFLOAD, Placement.SEQUENTIAL_OFFLOA
 
 @dataclass(frozen=True)
 class Workload:
-    width: int = 1024
-    height: int = 1024
+    width: int = _REQUEST["width"].default
+    height: int = _REQUEST["height"].default
     batch: int = 1
     cfg: bool = False  # Turbo runs without classifier-free guidance
-    max_sequence_length: int = 512
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
 
     def __post_init__(self) -> None:
-        if self.width <= 0 or self.height <= 0 or self.width % 16 or self.height % 16:
-            raise ValueError(f"resolution {self.width}x{self.height} must be positive multiples of 16")
+        if self.width <= 0 or self.height <= 0 or self.width % SIZE_MULTIPLE or self.height % SIZE_MULTIPLE:
+            raise ValueError(f"resolution {self.width}x{self.height} must be positive multiples of {SIZE_MULTIPLE}")
         if self.batch < 1:
             raise ValueError("batch must be at least 1")
 

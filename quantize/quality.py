@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from quantize.calibration import QUALITY_GATE_SIDE
 from quantize.manifest import QualityReport
 from quantize.variants import QualityThresholds
 from zimage_edge.model.generate import generate
-from zimage_edge.request import GenerationRequest
+from zimage_edge.request import DEFAULT_STEPS, GenerationRequest
 
 # Mixed subjects and styles for real checkpoints; the first is in the form the shapes model knows.
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -36,9 +37,9 @@ PSNR_CAP_DB = 100.0
 class QualitySpec:
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     seeds: tuple[int, ...] = (0,)
-    width: int = 256
-    height: int = 256
-    steps: int = 8
+    width: int = QUALITY_GATE_SIDE
+    height: int = QUALITY_GATE_SIDE
+    steps: int = DEFAULT_STEPS
 
     def requests(self) -> list[GenerationRequest]:
         return [

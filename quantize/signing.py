@@ -11,14 +11,14 @@ import base64
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from quantize.manifest import SIGNATURE_NAME, ArtifactError
+from zimage_edge.errors import ZimageEdgeError
 
 PRIVATE_KEY_NAME = "zimage-edge.key"
 PUBLIC_KEY_NAME = "zimage-edge.pub"
@@ -35,7 +35,7 @@ def generate_keypair(directory: Path) -> tuple[Path, Path]:
     private_path, public_path = directory / PRIVATE_KEY_NAME, directory / PUBLIC_KEY_NAME
     for path in (private_path, public_path):
         if path.exists():
-            raise FileExistsError(f"{path} already exists; refusing to overwrite a key")
+            raise KeyFileError(f"{path} already exists; refusing to overwrite a key")
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -49,17 +49,33 @@ def generate_keypair(directory: Path) -> tuple[Path, Path]:
     return private_path, public_path
 
 
+class KeyFileError(ZimageEdgeError):
+    """A key file is missing, unreadable or not an ed25519 key."""
+
+
+def _read_key(path: Path, load: Callable[[bytes], object], kind: type, what: str) -> object:
+    try:
+        key = load(Path(path).read_bytes())
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    except (ValueError, TypeError) as exc:
+        raise KeyFileError(f"{path} is not a PEM {what}: {exc}") from exc
+    if not isinstance(key, kind):
+        raise KeyFileError(f"{path} is not an ed25519 {what}")
+    return key
+
+
 def load_private_key(path: Path) -> Ed25519PrivateKey:
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path} is not an ed25519 private key")
+    key = _read_key(
+        path, lambda data: serialization.load_pem_private_key(data, password=None), Ed25519PrivateKey, "private key"
+    )
+    assert isinstance(key, Ed25519PrivateKey)
     return key
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
-    key = serialization.load_pem_public_key(path.read_bytes())
-    if not isinstance(key, Ed25519PublicKey):
-        raise ValueError(f"{path} is not an ed25519 public key")
+    key = _read_key(path, serialization.load_pem_public_key, Ed25519PublicKey, "public key")
+    assert isinstance(key, Ed25519PublicKey)
     return key
 
 
@@ -78,23 +94,28 @@ def sign_bytes(data: bytes, key: Ed25519PrivateKey) -> bytes:
     return (json.dumps(document, sort_keys=True, indent=2) + "\n").encode()
 
 
-def verify_signature(root: Path, manifest_bytes: bytes, trusted: list[Ed25519PublicKey]) -> str:
-    """Check ``root/manifest.sig`` against the trusted keys; returns the signing key's id."""
-    path = root / SIGNATURE_NAME
-    if not path.is_file():
-        raise ArtifactError(f"{root} is not signed ({SIGNATURE_NAME} missing) and a trusted key is configured")
+class SignatureError(ZimageEdgeError):
+    """A signature document is malformed or verifies with no trusted key."""
+
+
+def verify_signature(document_bytes: bytes, manifest_bytes: bytes, trusted: list[Ed25519PublicKey], where: str) -> str:
+    """Check a ``manifest.sig`` document against the trusted keys; returns the signing key's id.
+
+    ``where`` names the document in error messages.
+    """
+    path = where
     try:
-        document = json.loads(path.read_text())
+        document = json.loads(document_bytes)
         signature = base64.b64decode(document["signature"], validate=True)
         algorithm = document["algorithm"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise ArtifactError(f"{path} is not a valid signature document: {exc}") from exc
+        raise SignatureError(f"{path} is not a valid signature document: {exc}") from exc
     if algorithm != "ed25519":
-        raise ArtifactError(f"{path}: unsupported signature algorithm {algorithm!r}")
+        raise SignatureError(f"{path}: unsupported signature algorithm {algorithm!r}")
     for key in trusted:
         try:
             key.verify(signature, manifest_bytes)
         except InvalidSignature:
             continue
         return key_id(key)
-    raise ArtifactError(f"{path}: the manifest's signature does not verify with any trusted key")
+    raise SignatureError(f"{path}: the manifest's signature does not verify with any trusted key")

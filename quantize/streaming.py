@@ -24,12 +24,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from quantize.backend import QuantBackend, quantizable_linears
-from quantize.manifest import ArtifactError
+from quantize.manifest import QUANT_MAP, ArtifactError
 from quantize.variants import ComponentRecipe
-from zimage_edge.model.loading import QUANTIZATION_MAP_NAME
 
-WEIGHTS_INDEX = "model.safetensors.index.json"
-QUANT_MAP = QUANTIZATION_MAP_NAME
 # 1 GiB shards: the writer holds one shard in memory, so this bounds the output side of the peak;
 # the 6 GB int8 transformer becomes 7 files.
 DEFAULT_MAX_SHARD_BYTES = 1024**3

@@ -111,6 +111,27 @@ class VariantRecipe:
             for recipe in (self.transformer, self.text_encoder)
         )
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VariantRecipe:
+        """The recipe recorded in a manifest (``to_dict``); its quality rank is the table's, or last."""
+
+        def component(name: str) -> ComponentRecipe:
+            entry = data["components"][name]
+            qtype = QType(entry["qtype"]) if entry["qtype"] else None
+            return ComponentRecipe(qtype=qtype, exclude=tuple(entry["exclude"]))
+
+        known = VARIANTS.get(data["name"])
+        return cls(
+            name=data["name"],
+            description=data["description"],
+            transformer=component("transformer"),
+            text_encoder=component("text_encoder"),
+            vae=component("vae"),
+            thresholds=QualityThresholds(**data["thresholds"]),
+            quality_rank=known.quality_rank if known else len(VARIANTS),
+            storage_dtype=data["storage_dtype"],
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,

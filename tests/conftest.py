@@ -8,6 +8,24 @@ import pytest
 
 from zimage_edge.device import DeviceFacts, DeviceKind
 
+# The suite shares its cores with other processes (other test runs, builds, the agents some tests
+# start): one torch thread per test process unless ZIMAGE_CPU__THREADS / ZIMAGE_CPU__SHARE say
+# otherwise. Measured by benchmarks/cpu_threads.py (2 cores, shapes model, s/image p50): beside
+# another torch process 0.094 s with one thread each against 0.427 s with torch's one per core;
+# alone, one thread costs ~0.1 s against 0.07 s.
+TEST_THREADS = 1
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Set torch's threads before any test imports a model (``set_num_interop_threads`` works once)."""
+    from zimage_edge.cpu import CpuSettings, configure_threads
+
+    policy = CpuSettings()
+    if not policy.model_fields_set:
+        policy = CpuSettings(threads=TEST_THREADS)
+    configure_threads(policy)
+
+
 CPU_FACTS = DeviceFacts(
     kind=DeviceKind.CPU,
     name="test-cpu",
@@ -47,7 +65,7 @@ class ArtifactFactory:
         self.built: dict[tuple[str, str], Path] = {}
 
     def get(self, source: Path, variant: str, *, sign_key=None) -> Path:
-        from quantize.artifact import BuildOptions, build_artifact
+        from quantize.build import BuildOptions, build_artifact
         from quantize.quality import QualitySpec
         from quantize.variants import get_variant
 

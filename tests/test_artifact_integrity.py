@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import quantize.artifact as artifact_module
-from quantize.artifact import load_artifact, load_model, verify_artifact
-from quantize.manifest import ArtifactError
-from quantize.signing import generate_keypair, load_public_key
+import quantize.load as load_module
+from quantize.load import load_artifact
+from quantize.manifest import ArtifactError, verify_artifact
+from quantize.models import load_model
+from quantize.signing import KeyFileError, generate_keypair, load_public_key
 from tests.conftest import CPU_FACTS
 
 
@@ -30,7 +31,7 @@ def no_load(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         calls.append(root)
         raise AssertionError("load_components ran on an artifact that failed verification")
 
-    monkeypatch.setattr(artifact_module, "load_components", record)
+    monkeypatch.setattr(load_module, "load_components", record)
     return calls
 
 
@@ -43,7 +44,7 @@ def test_signed_artifact_verifies_and_loads(signed_copy: Path, signing_keys) -> 
     _manifest, key = verify_artifact(signed_copy, [public])
     assert key is not None
     loaded = load_artifact(signed_copy, facts=CPU_FACTS, trusted=[public])
-    assert loaded.manifest is not None
+    assert loaded.identity.manifest is not None
 
 
 def test_one_flipped_byte_in_a_weight_file_is_refused(signed_copy: Path, signing_keys, no_load) -> None:
@@ -122,5 +123,5 @@ def test_missing_manifest_is_not_an_artifact(signed_copy: Path) -> None:
 def test_keys_are_never_overwritten(tmp_path: Path) -> None:
     generate_keypair(tmp_path)
     assert oct((tmp_path / "zimage-edge.key").stat().st_mode & 0o777) == "0o600"
-    with pytest.raises(FileExistsError):
+    with pytest.raises(KeyFileError, match="already exists"):
         generate_keypair(tmp_path)

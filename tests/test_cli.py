@@ -27,12 +27,13 @@ def test_generate_writes_images(tiny_model_dir: Path, tmp_path: Path, capsys: py
 def test_bad_request_fails_before_loading(
     tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from zimage_edge.model import loading
+    import quantize.models
 
     def must_not_load(*_args, **_kwargs):
         raise AssertionError("the model was loaded for an invalid request")
 
-    monkeypatch.setattr(loading, "load_pipeline", must_not_load)
+    # Where the command looks it up: the generate command calls quantize.models.load_model.
+    monkeypatch.setattr(quantize.models, "load_model", must_not_load)
     rc = cli.main(["generate", "--model", str(tiny_model_dir), "x", "--width", "100", "--steps", "0"])
     assert rc == 2
     err = capsys.readouterr().err
@@ -47,7 +48,7 @@ def test_missing_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_toy_model_refuses_existing_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["toy-model", str(tmp_path)]) == 1
+    assert cli.main(["toy-model", str(tmp_path)]) == 2
     assert "already exists" in capsys.readouterr().err
 
 

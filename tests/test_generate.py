@@ -5,7 +5,8 @@ import threading
 import numpy as np
 import pytest
 
-from zimage_edge.model.generate import GenerationCancelled, generate, generate_batch
+from zimage_edge.errors import GenerationCancelled
+from zimage_edge.model.generate import generate, generate_batch
 from zimage_edge.request import GenerationRequest
 
 REQUEST = GenerationRequest(prompt="a green triangle", width=128, height=96, seed=11)

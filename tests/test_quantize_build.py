@@ -16,10 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import quantize.artifact as artifact_module
-from quantize.artifact import BuildOptions, build_artifact, load_artifact, load_model
+import quantize.build as build_module
 from quantize.backend import BACKENDS, quantize_in_memory
+from quantize.build import BuildOptions, build_artifact
+from quantize.load import load_artifact
 from quantize.manifest import ArtifactError
+from quantize.models import load_model
 from quantize.quality import QualityGateError, QualitySpec
 from quantize.variants import VARIANTS, QualityThresholds
 from tests.conftest import CPU_FACTS
@@ -38,7 +40,7 @@ def test_interrupted_build_leaves_nothing(
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt  # after every weight file was written, before the manifest
 
-    monkeypatch.setattr(artifact_module, "_quality_gate", interrupted)
+    monkeypatch.setattr(build_module, "_quality_gate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_artifact(tiny_model_dir, VARIANTS["int8"], tmp_path / "out", BuildOptions(quality=GATE, facts=CPU_FACTS))
     assert list(tmp_path.iterdir()) == []
@@ -77,7 +79,7 @@ def test_killed_build_leaves_no_loadable_artifact(medium_model_dir: Path, tmp_pa
     # The next build of the same target clears the leftovers and succeeds.
     build_artifact(medium_model_dir, VARIANTS["int8"], out, BuildOptions(quality=GATE, facts=CPU_FACTS))
     assert _partials(tmp_path) == []
-    assert load_artifact(out, facts=CPU_FACTS).manifest is not None
+    assert load_artifact(out, facts=CPU_FACTS).identity.manifest is not None
 
 
 def test_quality_gate_refuses_and_explains(tiny_model_dir: Path, tmp_path: Path) -> None:

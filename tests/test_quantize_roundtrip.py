@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from quantize.artifact import BuildOptions, build_artifact, load_artifact
 from quantize.backend import BACKENDS, quantize_in_memory
+from quantize.build import BuildOptions, build_artifact
+from quantize.load import load_artifact
 from quantize.manifest import FORMAT_VERSION, sha256_file
 from quantize.quality import QualitySpec
 from quantize.variants import VARIANTS
@@ -105,8 +106,9 @@ def test_unquantized_artifact_loads_without_quantized_modules(tiny_model_dir: Pa
 
     loaded = load_artifact(artifacts.get(tiny_model_dir, "bf16"), facts=CPU_FACTS)
     assert not any(isinstance(m, QModuleMixin) for m in loaded.pipe.transformer.modules())
-    assert loaded.manifest is not None
-    assert loaded.manifest["variant"]["name"] == "bf16"
+    assert loaded.identity.manifest is not None
+    assert loaded.identity.manifest.variant.name == "bf16"
+    assert loaded.identity.variant == "bf16"
     assert generate(loaded.pipe, REQUEST).images[0].size == (64, 64)
 
 

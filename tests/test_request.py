@@ -49,8 +49,15 @@ def test_bad_requests_name_the_field(fields: dict[str, object], field: str, frag
     assert fragment in message
 
 
-def test_pixel_budget_is_cross_field() -> None:
-    GenerationRequest(prompt="ok", width=2048, height=2048)
+def test_pixel_budget_counts_every_image_of_a_request() -> None:
+    GenerationRequest(prompt="ok", width=2048, height=2048, num_images=4)
+    GenerationRequest(prompt="ok", width=1024, height=1024, num_images=8)
+    with pytest.raises(ValidationError, match="width\\*height\\*num_images = 20971520 exceeds"):
+        GenerationRequest(prompt="ok", width=2048, height=2048, num_images=5)
+
+
+def test_seed_range_covers_every_image() -> None:
+    GenerationRequest(prompt="ok", seed=2**63 - 2, num_images=2)
     with pytest.raises(ValidationError, match="seed \\+ num_images"):
         GenerationRequest(prompt="ok", seed=2**63 - 1, num_images=2)
 

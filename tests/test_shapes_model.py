@@ -13,7 +13,7 @@ from tests.conftest import CPU_FACTS, ArtifactFactory
 from zimage_edge.model.loading import load_pipeline, validate_pipeline_dir
 from zimage_edge.shapes import PRETRAINED
 from zimage_edge.shapes.data import MARKER, all_scenes
-from zimage_edge.shapes.train import evaluate
+from zimage_edge.shapes.evaluate import evaluate
 
 COLOR_TARGET = 0.90  # the target for the full-precision model
 QUANTIZED_DROP = 0.03  # int8 and fp8 stay within 3 points of it

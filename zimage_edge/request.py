@@ -21,8 +21,11 @@ MIN_SIDE = 64
 # 2048 px per side is the largest the real model is used at; the position table (axes_lens 512
 # patches per side) would allow 8192 but memory on edge nodes does not.
 MAX_SIDE = 2048
-MAX_PIXELS = 2048 * 2048
 MAX_IMAGES = 8
+# Pixels one request may draw in all (width x height x images): four images at the largest side.
+# The contract's own ceiling, whatever the node; each agent refuses less through its device budget
+# (``edge_agent.budget``: the planner's memory model for the loaded variant on that device).
+MAX_REQUEST_PIXELS = 4 * MAX_SIDE * MAX_SIDE
 # Prompt length in characters; the tokenizer truncates at max_sequence_length tokens anyway, this
 # rejects absurd bodies early with a clear message.
 MAX_PROMPT_CHARS = 4000
@@ -71,8 +74,12 @@ class GenerationRequest(BaseModel):
 
     @model_validator(mode="after")
     def _within_pixel_budget(self) -> GenerationRequest:
-        if self.width * self.height > MAX_PIXELS:
-            raise ValueError(f"width*height = {self.width * self.height} exceeds {MAX_PIXELS} pixels")
+        pixels = self.width * self.height * self.num_images
+        if pixels > MAX_REQUEST_PIXELS:
+            raise ValueError(
+                f"width*height*num_images = {pixels} exceeds {MAX_REQUEST_PIXELS} pixels per request; "
+                "ask for fewer or smaller images"
+            )
         if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
             raise ValueError("seed + num_images - 1 exceeds the largest seed")
         return self

@@ -25,7 +25,7 @@ WARM_TIMEOUT_S = 60
 @pytest.fixture
 def start_agent(aiohttp_client, tiny_model_dir: Path) -> StartAgent:
     async def start(*, loader=None, batch_fn=None, **overrides: Any) -> TestClient:
-        settings = AgentSettings(model=str(tiny_model_dir), **overrides)
+        settings = AgentSettings(**{"model": str(tiny_model_dir), **overrides})
         kwargs: dict[str, Any] = {}
         if loader is not None:
             kwargs["loader"] = loader

@@ -23,19 +23,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from zimage_edge.errors import GenerationCancelled
 from zimage_edge.request import MAX_SEED, GenerationRequest
 
 # Called with (steps done, total steps) after each denoising step.
 ProgressFn = Callable[[int, int], None]
-
-
-class GenerationCancelled(Exception):
-    """Raised inside the denoising loop when the caller asked to stop."""
-
-    def __init__(self, step: int, total: int) -> None:
-        super().__init__(f"cancelled after step {step} of {total}")
-        self.step = step
-        self.total = total
 
 
 @dataclass(frozen=True)

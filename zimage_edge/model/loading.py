@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +24,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from zimage_edge.device import DeviceFacts, DtypePolicy, detect_device, dtype_policy, torch_device
+from zimage_edge.errors import ZimageEdgeError
+from zimage_edge.model.layout import MODEL_INDEX, PIPELINE_COMPONENTS, WEIGHT_COMPONENTS
 
 log = logging.getLogger(__name__)
 
-PIPELINE_COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
-WEIGHT_COMPONENTS = ("transformer", "text_encoder", "vae")
-# Quantized components carry this file beside their weights; diffusers cannot load them.
-QUANTIZATION_MAP_NAME = "quantization_map.json"
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ZimageEdgeError):
     """A model could not be found or is not a loadable Z-Image pipeline; the message says why."""
 
 
@@ -73,8 +71,6 @@ class LoadedPipeline:
     facts: DeviceFacts
     policy: DtypePolicy
     stats: LoadStats
-    guard_handles: list[Any] = field(default_factory=list)
-    manifest: dict[str, Any] | None = None  # an artifact's manifest, as plain JSON data
 
     @property
     def device(self) -> str:
@@ -145,9 +141,9 @@ def _check_weight_component(component: Path) -> None:
 
 def validate_pipeline_dir(path: Path) -> dict[str, Any]:
     """Check a diffusers Z-Image directory before loading it; returns ``model_index.json``."""
-    index_file = path / "model_index.json"
+    index_file = path / MODEL_INDEX
     if not index_file.is_file():
-        raise ModelLoadError(f"{path} has no model_index.json: not a diffusers pipeline directory")
+        raise ModelLoadError(f"{path} has no {MODEL_INDEX}: not a diffusers pipeline directory")
     try:
         index = json.loads(index_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -157,12 +153,6 @@ def validate_pipeline_dir(path: Path) -> dict[str, Any]:
     missing = [name for name in PIPELINE_COMPONENTS if name not in index]
     if missing:
         raise ModelLoadError(f"{index_file} lacks components: {', '.join(missing)}")
-    for name in WEIGHT_COMPONENTS:
-        if (path / name / QUANTIZATION_MAP_NAME).is_file():
-            raise ModelLoadError(
-                f"{path / name} holds quantized weights: {path} is a zimage-edge artifact (or a partial one), "
-                "not a diffusers pipeline; load it as an artifact"
-            )
     for name in PIPELINE_COMPONENTS:
         component = path / name
         if not component.is_dir():
@@ -210,9 +200,9 @@ def load_pipeline(
         raise ModelLoadError(f"loading {path} failed: {exc}") from exc
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    handles = []
     if policy.fp16_guard:
-        handles = install_fp16_guard(pipe.transformer) + install_fp16_guard(pipe.text_encoder)
+        install_fp16_guard(pipe.transformer)
+        install_fp16_guard(pipe.text_encoder)
     seconds = time.perf_counter() - started
     stats = LoadStats(
         seconds=seconds,
@@ -222,6 +212,4 @@ def load_pipeline(
         gpu_peak=torch.cuda.max_memory_allocated() if device == "cuda" else 0,
     )
     log.debug("pipeline_loaded", extra={"event": "pipeline_loaded", "source": str(source), **stats.to_dict()})
-    return LoadedPipeline(
-        pipe=pipe, source=str(source), path=path, facts=facts, policy=policy, stats=stats, guard_handles=handles
-    )
+    return LoadedPipeline(pipe=pipe, source=str(source), path=path, facts=facts, policy=policy, stats=stats)

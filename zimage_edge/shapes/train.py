@@ -25,8 +25,8 @@ import torch
 from torch.nn import functional as F
 
 from zimage_edge.model.toy import SCHEDULER_CONFIG, ToySize, build_toy_pipeline, toy_vae
-from zimage_edge.shapes.data import IMAGE_SIZE, MARKER, Scene, all_scenes, dataset
-from zimage_edge.shapes.metric import Adherence
+from zimage_edge.shapes.data import IMAGE_SIZE, MARKER, all_scenes, dataset
+from zimage_edge.shapes.evaluate import PROMPT_TOKENS, draw_scenes, score
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ SHAPES_SIZE = ToySize(
 # The VAE's first (full-resolution) stage is the costliest on CPU: 16 channels there, 32 below.
 VAE_CHANNELS = (16, 32, 32, 32)
 VAE_GROUPS = 8
-PROMPT_TOKENS = 64  # the templated captions are ~55 byte tokens
 SHIFT = float(SCHEDULER_CONFIG["shift"])
 
 Report = Callable[[str, int, int, float], None]  # (stage, step, steps, loss)
@@ -171,42 +170,6 @@ def train_transformer(
     pipe.transformer.eval()
     pipe.text_encoder.eval()
     return losses
-
-
-def draw_scenes(
-    pipe: Any, seeds: tuple[int, ...] = (1000,), scenes: list[Scene] | None = None, batch: int = 32
-) -> list[tuple[Scene, np.ndarray]]:
-    """Every scene x seed drawn at 64x64, 8 steps, guidance 0 (the Turbo settings), as RGB arrays."""
-    from zimage_edge.model.generate import generate_batch
-    from zimage_edge.request import GenerationRequest
-
-    scenes = scenes or all_scenes()
-    requests = [
-        GenerationRequest(
-            prompt=s.caption, width=IMAGE_SIZE, height=IMAGE_SIZE, seed=seed, max_sequence_length=PROMPT_TOKENS
-        )
-        for s in scenes
-        for seed in seeds
-    ]
-    asked = [s for s in scenes for _ in seeds]
-    drawn = []
-    for start in range(0, len(requests), batch):
-        results = generate_batch(pipe, requests[start : start + batch])
-        for scene, result in zip(asked[start : start + batch], results, strict=True):
-            drawn.append((scene, np.asarray(result.images[0].convert("RGB"))))
-    return drawn
-
-
-def score(drawn: list[tuple[Scene, np.ndarray]]) -> dict[str, float | int]:
-    adherence = Adherence()
-    for scene, image in drawn:
-        adherence.add(scene, image)
-    return adherence.to_dict()
-
-
-def evaluate(pipe: Any, seeds: tuple[int, ...] = (1000,), scenes: list[Scene] | None = None) -> dict[str, float | int]:
-    """Prompt adherence over every scene x seed (see ``draw_scenes``)."""
-    return score(draw_scenes(pipe, seeds, scenes))
 
 
 def train_shapes(out_dir: Path, config: TrainConfig | None = None, report: Report | None = None) -> dict[str, Any]:

@@ -1,25 +1,18 @@
-"""Building, verifying and loading artifacts.
+"""Building an artifact: quantize a checkpoint, measure it against its reference, describe it, sign it.
 
-An artifact is a directory::
-
-    manifest.json  manifest.sig (optional)  model_index.json
-    transformer/   config.json  model-00001.safetensors ...  model.safetensors.index.json  quantization_map.json
-    text_encoder/  (same)
-    vae/           (same; never quantized)
-    tokenizer/  scheduler/
-
-It is assembled in a hidden sibling directory (``.NAME.partial-*``), loaded back for the quality gate,
-hashed into the manifest, signed, verified once more and only then renamed into place. A partial
-directory has no manifest, so nothing loads it; the next build of the same target removes it.
+The artifact is assembled in a hidden sibling directory (``.NAME.partial-*``), loaded back for the
+quality gate, hashed into the manifest, signed, verified once more and only then renamed into place.
+A partial directory has no manifest, so nothing loads it; the next build of the same target removes it.
+Running out of disk (or any other write failure) removes the partial directory and says so in one line.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,50 +20,44 @@ from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from safetensors.torch import load_file
+from safetensors import SafetensorError
 
 from quantize import quality as q
 from quantize.backend import BACKENDS, DEFAULT_BACKEND, QuantBackend
-from quantize.components import build_skeleton, component_class, restore_nonpersistent
+from quantize.components import build_skeleton, component_class
+from quantize.load import load_components
 from quantize.manifest import (
     MANIFEST_NAME,
+    PARTIAL_MARK,
     SIGNATURE_NAME,
     ArtifactError,
     ComponentInfo,
     Manifest,
+    PlannerRecord,
     QualityReport,
     SourceInfo,
     ToolInfo,
+    VariantRecord,
     hash_tree,
+    is_artifact,
+    is_partial,
     now_iso,
-    read_manifest,
     tree_digest,
-    verify_files,
+    verify_artifact,
 )
 from quantize.planner import PLACEMENT_ORDER, Workload, estimate, placement_bytes
-from quantize.signing import sign_bytes, verify_signature
+from quantize.signing import sign_bytes
 from quantize.specs import ComponentSpec, ModelSpec
-from quantize.streaming import (
-    DEFAULT_MAX_SHARD_BYTES,
-    QUANT_MAP,
-    WEIGHTS_INDEX,
-    ComponentResult,
-    SourceWeights,
-    count_units,
-    quantize_component,
-)
+from quantize.streaming import DEFAULT_MAX_SHARD_BYTES, ComponentResult, SourceWeights, count_units, quantize_component
 from quantize.variants import VariantRecipe
 from zimage_edge import __version__
-from zimage_edge.device import DeviceFacts, DtypePolicy, detect_device, dtype_policy, torch_device
-from zimage_edge.model.loading import LoadedPipeline, LoadStats, load_pipeline, resolve_source, validate_pipeline_dir
+from zimage_edge.device import DeviceFacts, detect_device, dtype_policy
+from zimage_edge.model.layout import FILE_COMPONENTS, MODEL_INDEX, WEIGHT_COMPONENTS
+from zimage_edge.model.loading import load_pipeline, resolve_source, validate_pipeline_dir
 from zimage_edge.shapes.data import MARKER as SHAPES_MARKER
-from zimage_edge.shapes.train import evaluate as evaluate_shapes
+from zimage_edge.shapes.evaluate import evaluate as evaluate_shapes
 
 log = logging.getLogger(__name__)
-
-WEIGHT_COMPONENTS = ("transformer", "text_encoder", "vae")
-COPIED_COMPONENTS = ("tokenizer", "scheduler")
-PARTIAL_MARK = ".partial-"
 
 # Called with (component, units done in it, units in it).
 Progress = Callable[[str, int, int], None]
@@ -114,16 +101,16 @@ def remove_stale_partials(out: Path) -> list[Path]:
     return removed
 
 
-def _planner_prediction(model: ModelSpec, variant: VariantRecipe, dtype: str) -> dict[str, Any]:
-    workload = Workload(1024, 1024, 1)
+def _planner_prediction(model: ModelSpec, variant: VariantRecipe, dtype: str) -> PlannerRecord:
+    workload = Workload()  # the planner's reference workload: one image at the model's 1024x1024
     est = estimate(model, variant, dtype, workload)
-    return {
+    return PlannerRecord.model_validate({
         "workload": {"width": workload.width, "height": workload.height, "batch": workload.batch},
         "dtype": dtype,
         "weights_bytes": est.weights,
         "activation_bytes": est.activations,
         "peak_device_bytes": {str(p): placement_bytes(est, p)[0] for p in PLACEMENT_ORDER},
-    }
+    })  # fmt: skip
 
 
 def build_artifact(
@@ -142,6 +129,8 @@ def build_artifact(
         raise ValueError("skipping the quality gate requires force: the manifest would have no quality")
     backend = BACKENDS[options.backend]
     src = resolve_source(source)
+    if is_artifact(src) or is_partial(src):
+        raise ArtifactError(f"{src} is an artifact (or a partial one); quantize the original checkpoint instead")
     validate_pipeline_dir(src)
     storage_dtype = getattr(torch, variant.storage_dtype)
 
@@ -149,10 +138,10 @@ def build_artifact(
     remove_stale_partials(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=out.parent))
     try:
-        shutil.copy2(src / "model_index.json", tmp / "model_index.json")
+        shutil.copy2(src / MODEL_INDEX, tmp / MODEL_INDEX)
         if (src / SHAPES_MARKER).is_file():
             shutil.copy2(src / SHAPES_MARKER, tmp / SHAPES_MARKER)
-        for name in COPIED_COMPONENTS:
+        for name in FILE_COMPONENTS:
             shutil.copytree(src / name, tmp / name)
         results: dict[str, ComponentResult] = {}
         for name in WEIGHT_COMPONENTS:
@@ -172,7 +161,7 @@ def build_artifact(
         manifest = Manifest(
             model_id=str(source),
             source=_source_info(str(source), src),
-            variant=variant.to_dict(),
+            variant=VariantRecord.model_validate(variant.to_dict()),
             components={
                 name: ComponentInfo(
                     params=r.params,
@@ -197,10 +186,20 @@ def build_artifact(
             trusted = [options.sign_key.public_key()]
         verify_artifact(tmp, trusted)
         tmp.rename(out)
+    except (OSError, SafetensorError) as exc:  # safetensors reports write failures as its own error
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactError(_write_failure(out, exc)) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _write_failure(out: Path, exc: OSError | SafetensorError) -> str:
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code in (errno.ENOSPC, errno.EDQUOT) or f"os error {errno.ENOSPC})" in str(exc):
+        return f"no space left on the device while writing {out}; nothing was kept, free some space and retry"
+    return f"writing {out} failed: {exc}; nothing was kept"
 
 
 def _quantize_one(
@@ -283,114 +282,3 @@ def _quality_gate(src: Path, tmp: Path, variant: VariantRecipe, options: BuildOp
     return q.report(
         comparison, options.quality, variant.thresholds, policy.dtype, forced=options.force, adherence=adherence
     )
-
-
-def verify_artifact(root: Path, trusted: list[Ed25519PublicKey] | None = None) -> tuple[Manifest, str | None]:
-    """Hashes of every file, no unlisted file, and the signature when trusted keys are given."""
-    manifest, raw = read_manifest(root)
-    key = verify_signature(root, raw, trusted) if trusted else None
-    verify_files(root, manifest)
-    return manifest, key
-
-
-def _load_component(root: Path, name: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    directory = root / name
-    index_path = directory / WEIGHTS_INDEX
-    if not index_path.is_file():
-        raise ArtifactError(f"{index_path} is missing")
-    index = json.loads(index_path.read_text())
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        state.update(load_file(str(directory / shard)))
-    # Scales and unquantized tensors take the compute dtype; fp8 and integer payloads stay as stored.
-    state = {
-        k: (v.to(dtype) if v.dtype in (torch.float32, torch.bfloat16, torch.float16) else v) for k, v in state.items()
-    }
-    qmap = json.loads((directory / QUANT_MAP).read_text())
-    library, class_name = component_class(root, name)
-    module = build_skeleton(directory, library, class_name, dtype)
-    BACKENDS[DEFAULT_BACKEND].requantize(module, state, qmap, device)
-    expected = set(module.state_dict().keys())
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ArtifactError(f"{directory}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
-    restore_nonpersistent(module, device)
-    module.eval()
-    return module
-
-
-def load_components(root: Path, facts: DeviceFacts, policy: DtypePolicy) -> Any:
-    """Assemble a ``ZImagePipeline`` from an artifact's directories (no verification: see load_artifact)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
-    from transformers import AutoTokenizer
-
-    from zimage_edge.model.guard import install_fp16_guard
-
-    dtype = getattr(torch, policy.dtype)
-    device = torch.device(torch_device(facts))
-    modules = {name: _load_component(root, name, dtype, device) for name in WEIGHT_COMPONENTS}
-    pipe = ZImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
-        tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
-        **modules,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    if policy.fp16_guard:
-        install_fp16_guard(pipe.transformer)
-        install_fp16_guard(pipe.text_encoder)
-    return pipe
-
-
-def load_artifact(
-    root: Path,
-    *,
-    facts: DeviceFacts | None = None,
-    policy: DtypePolicy | None = None,
-    trusted: list[Ed25519PublicKey] | None = None,
-) -> LoadedPipeline:
-    """Verify an artifact (hashes, and signature when keys are trusted), then load it ready to generate."""
-    import psutil
-
-    root = Path(root)
-    facts = facts or detect_device()
-    policy = policy or dtype_policy(facts)
-    started = time.perf_counter()
-    rss_before = psutil.Process().memory_info().rss
-    manifest, _key = verify_artifact(root, trusted)
-    pipe = load_components(root, facts, policy)
-    stats = LoadStats(
-        seconds=time.perf_counter() - started, rss_before=rss_before, rss_after=psutil.Process().memory_info().rss
-    )
-    log.debug("artifact_loaded", extra={"event": "artifact_loaded", "source": str(root), **stats.to_dict()})
-    return LoadedPipeline(
-        pipe=pipe,
-        source=str(root),
-        path=root,
-        facts=facts,
-        policy=policy,
-        stats=stats,
-        manifest=manifest.model_dump(mode="json"),
-    )
-
-
-def is_artifact(path: Path) -> bool:
-    return (Path(path) / MANIFEST_NAME).is_file()
-
-
-def load_model(
-    source: str | Path,
-    *,
-    facts: DeviceFacts | None = None,
-    trusted: list[Ed25519PublicKey] | None = None,
-    allow_download: bool = False,
-) -> LoadedPipeline:
-    """Load an artifact or a plain diffusers pipeline; with trusted keys only signed artifacts load."""
-    path = Path(str(source)).expanduser()
-    if path.is_dir() and is_artifact(path):
-        return load_artifact(path, facts=facts, trusted=trusted)
-    if trusted:
-        raise ArtifactError(f"{source} is not a signed artifact, and trusted keys are configured")
-    if path.is_dir() and PARTIAL_MARK in path.name:
-        raise ArtifactError(f"{path} is an incomplete artifact (an interrupted build)")
-    return load_pipeline(source, facts=facts, allow_download=allow_download)
