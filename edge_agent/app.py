@@ -19,6 +19,7 @@ from edge_agent.keys import (
     AUTH,
     CACHE,
     CLOCK,
+    CPU_THREADS,
     DENY,
     IMAGES,
     METRICS,
@@ -40,6 +41,7 @@ from edge_agent.settings import AgentSettings
 from edge_agent.state import AgentState
 from edge_agent.swap import describe_model, planning_profile
 from quantize.identity import LoadedModel
+from zimage_edge.cpu import ThreadDecision, decide_threads, read_cpu
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +62,12 @@ def create_app(
     loader: Loader | None = None,
     batch_fn: BatchFn = default_batch_fn,
     clock: Clock = time.monotonic,
+    cpu: ThreadDecision | None = None,
 ) -> web.Application:
     """Build the agent. ``loader`` and ``batch_fn`` default to the real ones; tests may pass others,
-    and a ``clock`` (monotonic seconds) that batching windows, rate limits and image expiry all read."""
+    and a ``clock`` (monotonic seconds) that batching windows, rate limits and image expiry all read.
+    ``cpu`` is the thread policy the process applied (``serve`` applies it before torch loads); without
+    it the policy is computed from the settings, not applied (tests, embedding)."""
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[middleware.observe, middleware.errors, middleware.authenticate],
@@ -70,6 +75,8 @@ def create_app(
     app[SETTINGS] = settings
     app[CLOCK] = clock
     app[METRICS] = Metrics.create()
+    app[CPU_THREADS] = cpu or decide_threads(read_cpu(), threads=settings.cpu.threads, share=settings.cpu.share)
+    app[METRICS].cpu_threads.set(app[CPU_THREADS].intra_op)
     app[STATE] = state = AgentState()
     app[METRICS].ready.set_function(lambda: float(state.ready))
     app[CACHE] = ResultCache(settings.cache.max_bytes)

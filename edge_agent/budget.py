@@ -39,12 +39,16 @@ class RequestBudget:
     # The agent keeps every component resident (no offload), so only that placement counts.
     placement: Placement = Placement.RESIDENT
 
-    def row(self, width: int, height: int, images: int, cfg: bool, max_sequence_length: int) -> PlanRow:
-        return _row(self, width, height, images, cfg, max_sequence_length)
-
     def check(self, request: GenerationRequest) -> None:
         """Raise ``OverBudget`` naming the need and the budget when ``request`` would not fit."""
-        row = self.row(request.width, request.height, request.num_images, request.uses_cfg, request.max_sequence_length)
+        workload = Workload(
+            width=request.width,
+            height=request.height,
+            batch=request.num_images,
+            cfg=request.uses_cfg,
+            max_sequence_length=request.max_sequence_length,
+        )
+        row = _row(self, workload)
         if not row.fits:
             raise OverBudget(
                 f"{request.num_images} image(s) of {request.width}x{request.height} need about "
@@ -54,8 +58,8 @@ class RequestBudget:
 
 
 @lru_cache(maxsize=1024)
-def _row(budget: RequestBudget, width: int, height: int, images: int, cfg: bool, max_sequence_length: int) -> PlanRow:
-    workload = Workload(width=width, height=height, batch=images, cfg=cfg, max_sequence_length=max_sequence_length)
+def _row(budget: RequestBudget, workload: Workload) -> PlanRow:
+    """The planner's row for the budget's placement (pure arithmetic, cached per workload)."""
     result = plan(budget.profile, workload, budget.model, [budget.variant])
     return next(r for r in result.rows if r.placement is budget.placement)
 

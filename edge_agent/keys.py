@@ -17,6 +17,7 @@ from edge_agent.runner import ModelRunner
 from edge_agent.scheduler import Scheduler
 from edge_agent.settings import AgentSettings
 from edge_agent.state import AgentState
+from zimage_edge.cpu import ThreadDecision
 
 SETTINGS = web.AppKey("settings", AgentSettings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -31,6 +32,7 @@ CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")  # monotonic second
 SWAP_LOCK = web.AppKey("swap_lock", asyncio.Lock)
 SWAPS = web.AppKey("swaps", set[asyncio.Task[dict[str, Any]]])  # swaps in flight, owned by the app
 PAGE = web.AppKey("page", str)
+CPU_THREADS = web.AppKey("cpu_threads", ThreadDecision)  # the thread policy this process runs under
 
 # Per-request values left by the auth middleware.
 CALLER = web.RequestKey("caller", str)

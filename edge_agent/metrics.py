@@ -30,6 +30,7 @@ class Metrics:
     usage_megapixel_steps: Counter
     usage_gpu_seconds: Counter
     ready: Gauge
+    cpu_threads: Gauge
 
     @classmethod
     def create(cls) -> Metrics:
@@ -62,4 +63,5 @@ class Metrics:
             ),
             usage_gpu_seconds=Counter("zimage_usage_gpu_seconds", "model time per API key", ["key"], registry=r),
             ready=Gauge("zimage_ready", "1 when the agent accepts work", registry=r),
+            cpu_threads=Gauge("zimage_cpu_threads", "torch intra-op threads (zimage_edge.cpu)", registry=r),
         )  # fmt: skip

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from edge_agent import service
 from edge_agent.api_models import SwapRequest, parse
 from edge_agent.errors import ApiError
-from edge_agent.keys import ADMIN, AUTH, METRICS, PAGE, RUNNER, SETTINGS, STATE
+from edge_agent.keys import ADMIN, AUTH, CPU_THREADS, METRICS, PAGE, RUNNER, SETTINGS, STATE
 from edge_agent.openapi import openapi_document
 from edge_agent.routes_generate import read_json
 from edge_agent.swap import ModelLost, start_swap
@@ -69,6 +69,7 @@ async def models(request: web.Request) -> web.Response:
             "multiple": SIZE_MULTIPLE,
             "max_images": guard.max_images,
         },
+        "cpu_threads": request.app[CPU_THREADS].to_dict(),
     }
     return web.json_response({"object": "list", "data": [entry]})
 

@@ -1,4 +1,10 @@
-"""Running the agent as a process: bind, serve, and on SIGTERM drain then exit 0."""
+"""Running the agent as a process: bind, serve, and on SIGTERM drain then exit 0.
+
+Importing this module is torch-free: ``run`` sets torch's threads (``zimage_edge.cpu``) before
+``serve`` imports the app and the model stack, so nothing has started torch's thread pools yet
+(``torch.set_num_interop_threads`` only works before that) and anything read from the environment when
+torch loads (OpenMP's variables) can still be set by the policy.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,10 @@ import signal
 
 from aiohttp import web
 
-from edge_agent.app import create_app
-from edge_agent.keys import STATE
+from edge_agent.http_server import AgentRunner
 from edge_agent.logs import configure_logging
 from edge_agent.settings import AgentSettings
-from edge_agent.swap import drain
+from zimage_edge.cpu import ThreadDecision, configure_threads
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +25,16 @@ log = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT_S = 5.0
 
 
-async def serve(settings: AgentSettings) -> int:
-    """Serve until SIGTERM/SIGINT; returns the process exit status."""
-    app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=SHUTDOWN_TIMEOUT_S)  # fmt: skip
+async def serve(settings: AgentSettings, cpu: ThreadDecision | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; returns the process exit status. ``cpu``: the thread policy applied."""
+    from edge_agent.app import create_app
+    from edge_agent.keys import STATE
+    from edge_agent.swap import drain
+
+    app = create_app(settings, cpu=cpu)
+    # AgentRunner is web.AppRunner with the HTTP time limits (settings.http): head, keep-alive, linger.
+    runner = AgentRunner(app, http=settings.http, handle_signals=False, handler_cancellation=True, access_log=None,
+                         shutdown_timeout=SHUTDOWN_TIMEOUT_S)  # fmt: skip
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
@@ -68,6 +78,14 @@ async def serve(settings: AgentSettings) -> int:
     return exit_status
 
 
+def apply_cpu_policy(settings: AgentSettings) -> ThreadDecision:
+    """Set torch's threads from ``settings.cpu`` and the CPU this process has; log the choice."""
+    decision = configure_threads(settings.cpu)
+    log.info("cpu_threads", extra={"event": "cpu_threads", **decision.to_dict()})
+    return decision
+
+
 def run(settings: AgentSettings) -> int:
     configure_logging(settings.log_level)
-    return asyncio.run(serve(settings))
+    cpu = apply_cpu_policy(settings)  # before the model loads, and before torch is imported
+    return asyncio.run(serve(settings, cpu))

@@ -232,7 +232,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     qz.add_argument("--max-shard-mb", type=int, default=1024, help="largest weight file in MiB (default 1024)")
     qz.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    qz.set_defaults(handler=_cmd_quantize)
+    qz.set_defaults(handler=_cmd_quantize, uses_torch=True)
 
     pl = sub.add_parser("plan", help="which variant and placement fits a device, and why")
     where = pl.add_mutually_exclusive_group()

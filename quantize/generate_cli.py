@@ -124,4 +124,4 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--trusted-key", action="append", help="public key (PEM); only artifacts it signed load (repeatable)"
     )
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    gen.set_defaults(handler=_cmd_generate)
+    gen.set_defaults(handler=_cmd_generate, uses_torch=True)

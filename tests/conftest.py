@@ -10,9 +10,9 @@ from zimage_edge.device import DeviceFacts, DeviceKind
 
 # The suite shares its cores with other processes (other test runs, builds, the agents some tests
 # start): one torch thread per test process unless ZIMAGE_CPU__THREADS / ZIMAGE_CPU__SHARE say
-# otherwise. Measured by benchmarks/cpu_threads.py (2 cores, shapes model, s/image p50): beside
-# another torch process 0.094 s with one thread each against 0.427 s with torch's one per core;
-# alone, one thread costs ~0.1 s against 0.07 s.
+# otherwise. benchmarks/results/cpu-threads.md (2 cores, shapes model, s/image p50): two torch
+# processes side by side 0.128 s with one thread each against 0.570 s with torch's one per core;
+# alone, one thread costs ~0.1 s against 0.07-0.14 s with two.
 TEST_THREADS = 1
 
 

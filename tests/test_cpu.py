@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -207,3 +208,19 @@ def test_the_suite_itself_runs_under_the_policy() -> None:
         else TEST_THREADS
     )
     assert torch.get_num_threads() == expected
+
+
+def test_the_agent_logs_its_decision(caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    from edge_agent.serve import apply_cpu_policy
+    from edge_agent.settings import AgentSettings
+
+    # The count this process already has, so that the suite's own policy stays as it is.
+    settings = AgentSettings(model="m", cpu=CpuPolicy(threads=torch.get_num_threads()))
+    with caplog.at_level(logging.INFO, logger="edge_agent.serve"):
+        decision = apply_cpu_policy(settings)
+    record = next(r for r in caplog.records if r.getMessage() == "cpu_threads")
+    assert record.__dict__["event"] == "cpu_threads"
+    assert {k: record.__dict__[k] for k in decision.to_dict()} == decision.to_dict()
+    assert decision.intra_op == torch.get_num_threads()

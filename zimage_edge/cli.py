@@ -74,8 +74,21 @@ def _cmd_device(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apply_thread_policy() -> None:
+    """Size torch's thread pools to the CPU this process really has (``ZIMAGE_CPU__*`` override it)."""
+    from pydantic import ValidationError
+
+    from zimage_edge.cpu import CpuSettings, configure_threads
+
+    try:
+        decision = configure_threads(CpuSettings())
+    except ValidationError as exc:
+        raise UsageError(f"invalid ZIMAGE_CPU__* setting: {exc}") from exc
+    logging.getLogger(__name__).info("cpu threads: %s", decision.reason)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zimage-edge", description=__doc__)
+    parser = argparse.ArgumentParser(prog="zimage-edge", description="Z-Image-Turbo on fleets of small GPU nodes.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -84,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("out_dir", help="directory to create (must not exist)")
     toy.add_argument("--size", default="tiny", choices=["tiny", "medium"], help="model size (default tiny)")
     toy.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
-    toy.set_defaults(handler=_cmd_toy_model)
+    toy.set_defaults(handler=_cmd_toy_model, uses_torch=True)
 
     shapes = sub.add_parser("train-shapes", help="train the small shapes model of the real architecture")
     shapes.add_argument("out_dir", help="directory to create (must not exist)")
@@ -99,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep every 9th caption out of training and score it apart (default: on)",
     )
     shapes.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    shapes.set_defaults(handler=_cmd_train_shapes)
+    shapes.set_defaults(handler=_cmd_train_shapes, uses_torch=True)
 
     device = sub.add_parser("device", help="show the detected device and the dtype policy for it")
     device.set_defaults(handler=_cmd_device)
@@ -116,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     handler: Handler = args.handler
     try:
+        if getattr(args, "uses_torch", False):
+            _apply_thread_policy()
         return handler(args)
     except ZimageEdgeError as exc:
         # The project's own errors carry a message for the user; anything else is a bug and keeps

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,15 +46,17 @@ MAX_THREADS = 1024
 INTER_OP_THREADS = 1
 
 # WAIT_POLICY: OMP_WAIT_POLICY is not set by the policy. libgomp (torch's OpenMP) reads it once, when
-# ``import torch`` loads the library, and by default spins a while before sleeping. Measured by
-# ``benchmarks/cpu_threads.py --part wait`` (2 cores, shapes model 64x64 8 steps, s/image p50, unset vs
-# PASSIVE): alone with 2 threads 0.077 vs 0.127 (PASSIVE 1.65x slower: every parallel region
-# wakes sleeping workers); beside a busy process 0.324 vs 0.104; two torch processes of 2 threads
-# 0.427 vs 0.091; two processes of 1 thread (this policy, share 2) 0.094 vs 0.108 (no workers, no
-# difference). The thread policy alone removes the slowdown of sharing without PASSIVE's cost when a
-# process has its cores to itself. Where a node shares cores with processes that do not follow the
-# policy, set OMP_WAIT_POLICY=PASSIVE in that process's environment (pod spec, unit file): it cannot
-# be set from Python once torch is imported.
+# ``import torch`` loads the library, and by default spins a while before a worker sleeps.
+# ``benchmarks/cpu_threads.py`` (results/cpu-threads.md: 2 cores shared with other users' work, shapes
+# model 64x64 8 steps, s/image p50, wait unset vs PASSIVE): alone with 2 threads 0.135 vs 0.157 (a
+# quiet earlier run: 0.077 vs 0.127; PASSIVE wakes sleeping workers at every parallel region); beside
+# a busy process 0.480 vs 0.147; two torch processes of 2 threads 0.570 vs 0.150; two processes of
+# 1 thread (this policy, share 2) 0.128 vs 0.138 (no workers, nothing to spin). The thread policy
+# alone removes the slowdown of sharing, without PASSIVE's cost when a process has its cores to
+# itself. The agent spins little anyway: it starts OpenMP teams from its load and model threads, and
+# libgomp shortens spinning when a process has more OpenMP threads than CPUs. Where a node shares
+# cores with processes that ignore the policy, set OMP_WAIT_POLICY=PASSIVE in the environment of
+# the process (pod spec, unit file): Python cannot change it once torch is imported.
 
 
 class CpuPolicy(BaseModel):
@@ -217,7 +219,7 @@ def read_cgroup_quota(root: Path = Path("/")) -> CpuQuota:
     return CpuQuota(None, "no cgroup")
 
 
-def _tightest(source: str, root: Path, chain: list[Path], read: Any) -> CpuQuota:
+def _tightest(source: str, root: Path, chain: list[Path], read: Callable[[Path], int | None]) -> CpuQuota:
     cpus: int | None = None
     notes = []
     for directory in chain:

@@ -24,13 +24,15 @@ WARM_TIMEOUT_S = 60
 
 @pytest.fixture
 def start_agent(aiohttp_client, tiny_model_dir: Path) -> StartAgent:
-    async def start(*, loader=None, batch_fn=None, **overrides: Any) -> TestClient:
+    async def start(*, loader=None, batch_fn=None, clock=None, **overrides: Any) -> TestClient:
         settings = AgentSettings(**{"model": str(tiny_model_dir), **overrides})
         kwargs: dict[str, Any] = {}
         if loader is not None:
             kwargs["loader"] = loader
         if batch_fn is not None:
             kwargs["batch_fn"] = batch_fn
+        if clock is not None:
+            kwargs["clock"] = clock
         app = create_app(settings, **kwargs)
         client = await aiohttp_client(app)
         await asyncio.wait_for(app[STATE].warmed.wait(), WARM_TIMEOUT_S)
@@ -44,6 +46,19 @@ def decode_image(data: bytes | str) -> Image.Image:
     image = Image.open(io.BytesIO(raw))
     image.load()
     return image
+
+
+class FrozenClock:
+    """A monotonic clock that moves only when a test advances it (rate limits, expiry, windows)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 SMALL = {"prompt": "a red circle on a blue background", "width": 64, "height": 64}

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from edge_agent.auth import Authenticator, TokenBucket
 from edge_agent.settings import AgentSettings, ApiKey
-from tests.agent.conftest import SMALL
+from tests.agent.conftest import SMALL, FrozenClock
 
 KEYS = [
     {"name": "kiosk", "sha256": ApiKey.hash("kiosk-secret"), "rate_per_minute": 60, "burst": 2},
@@ -20,8 +20,15 @@ def bearer(key: str) -> dict[str, str]:
 
 
 @pytest.fixture
-async def client(start_agent):
-    return await start_agent(api_keys=KEYS)
+def clock() -> FrozenClock:
+    return FrozenClock()
+
+
+@pytest.fixture
+async def client(start_agent, clock: FrozenClock):
+    # The rate limit reads the injected clock: however slow the machine, no token refills unasked.
+    # The batching window reads it too, so it is off here (a frozen clock would never end it).
+    return await start_agent(api_keys=KEYS, clock=clock, queue={"batch_window_ms": 0})
 
 
 async def test_missing_and_wrong_keys_are_refused(client) -> None:
@@ -37,10 +44,14 @@ async def test_missing_and_wrong_keys_are_refused(client) -> None:
     assert x_api_key.status == 200
 
 
-async def test_probes_and_metrics_stay_open(client) -> None:
-    for path in ("/healthz", "/readyz", "/metrics", "/", "/openapi.json"):
+async def test_probes_stay_open_and_metrics_need_an_admin_key(client) -> None:
+    for path in ("/healthz", "/readyz", "/", "/openapi.json"):
         assert (await client.get(path)).status == 200, path
     assert (await client.get("/v1/models")).status == 401
+    # The metrics name every key and its usage: an admin's (Prometheus's) bearer token reads them.
+    assert (await client.get("/metrics")).status == 401
+    assert (await client.get("/metrics", headers=bearer("kiosk-secret"))).status == 403
+    assert (await client.get("/metrics", headers=bearer("ops-secret"))).status == 200
 
 
 async def test_admin_endpoints_need_an_admin_key(client) -> None:
@@ -50,16 +61,20 @@ async def test_admin_endpoints_need_an_admin_key(client) -> None:
     assert response.status == 422  # an admin may, and the bad path is reported; the old model serves on
 
 
-async def test_rate_limit_answers_429_with_retry_after(client) -> None:
+async def test_rate_limit_answers_429_with_retry_after(client, clock: FrozenClock) -> None:
     statuses = []
     for _ in range(3):
         response = await client.post("/v1/generate", json=SMALL, headers=bearer("kiosk-secret"))
         statuses.append(response.status)
     assert statuses == [200, 200, 429]  # burst 2
-    assert int(response.headers["Retry-After"]) >= 1
+    assert response.headers["Retry-After"] == "1"  # 60 per minute: one token a second
     assert (await response.json())["error"]["code"] == "rate_limited"
     other = await client.post("/v1/generate", json=SMALL, headers=bearer("ops-secret"))
     assert other.status == 200  # buckets are per key
+    clock.advance(1.0)  # one token back
+    again = await client.post("/v1/generate", json=SMALL, headers=bearer("kiosk-secret"))
+    assert again.status == 200
+    assert (await client.post("/v1/generate", json=SMALL, headers=bearer("kiosk-secret"))).status == 429
 
 
 async def test_usage_is_metered_per_key(client) -> None:
@@ -73,7 +88,7 @@ async def test_usage_is_metered_per_key(client) -> None:
     assert kiosk["gpu_seconds"] > 0
     everyone = await (await client.get("/v1/usage", headers=bearer("ops-secret"))).json()
     assert set(everyone["usage"]) == {"kiosk", "ops"}
-    metrics = await (await client.get("/metrics")).text()
+    metrics = await (await client.get("/metrics", headers=bearer("ops-secret"))).text()
     assert 'zimage_usage_images_total{key="kiosk"} 2.0' in metrics
 
 

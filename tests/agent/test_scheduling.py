@@ -123,12 +123,18 @@ async def test_request_timeout_is_504_and_frees_the_slot(start_agent) -> None:
     batches = GatedBatches()
     client = await start_agent(batch_fn=batches, queue={"request_timeout_s": 0.2, "batch_window_ms": 0})
     batches.hold()
-    response = await client.post("/v1/generate", json=SMALL)
+    before = len(batches.sizes)
+    response = await client.post("/v1/generate", json=SMALL)  # the model thread never answers in time
     assert response.status == 504
     assert (await response.json())["error"]["code"] == "timeout"
-    assert batches.cancel_events[-1][0].is_set()
+    # On a busy machine the deadline may pass before the job reached the model: then it left the
+    # queue; otherwise the model thread was told to stop it. Either way its slot is free.
+    if len(batches.sizes) > before:
+        assert batches.cancel_events[-1][0].is_set()
+    else:
+        await until(client, lambda s: not s.pending)
     batches.gate.set()
-    await until(client, lambda s: not s.running)
+    await until(client, lambda s: not s.running and not s.pending)
     assert (await client.post("/v1/generate", json=SMALL)).status == 200
 
 
@@ -166,11 +172,13 @@ async def test_out_of_memory_splits_then_answers_503(start_agent, limit: int, st
     fake.gate.set()
     responses = await asyncio.gather(first, *rest)
     assert [r.status for r in responses] == statuses
-    if limit == 0:
-        error = (await responses[0].json())["error"]
-        assert error["code"] == "out_of_memory"
-        assert fake.sizes == [1, 2, 1, 1]  # the pair was split before giving up
-    else:
-        assert fake.sizes == [1, 2, 1, 1]
+    # Either way the pair that did not fit was split and retried one by one before an answer.
+    assert fake.sizes == [1, 2, 1, 1]
+    for response in responses:
+        body = await response.json()
+        if limit == 0:
+            assert body["error"]["code"] == "out_of_memory"
+        else:
+            assert len(body["images"]) == 1
     fake.limit = 8
     assert (await client.post("/v1/generate", json=SMALL)).status == 200  # the process serves on
