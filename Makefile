@@ -11,9 +11,16 @@ MODEL ?=
 DEMO_PROMPT ?= a yellow triangle on a blue background
 OUT_DIR ?= out
 
-.PHONY: run test lint typecheck pytest install clean
+.PHONY: run test lint typecheck pytest install clean system system-test
 
-$(BIN)/python:
+# System packages (a C++ compiler; Chromium for the tests), installed when missing or named in one line.
+system:
+	@bash scripts/bootstrap.sh run
+
+system-test:
+	@bash scripts/bootstrap.sh test
+
+$(BIN)/python: | system
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
@@ -21,7 +28,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-install: $(VENV)/.installed
+install: system $(VENV)/.installed
 
 run: install
 	$(BIN)/zimage-edge generate $(if $(MODEL),--model "$(MODEL)") "$(DEMO_PROMPT)" --seed 0 -o $(OUT_DIR)/demo.png
@@ -33,7 +40,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-pytest: install
+pytest: install system-test
 	$(BIN)/pytest
 
 test: lint typecheck pytest

@@ -1,12 +1,12 @@
 """Parameter counts of a pipeline: what the planner multiplies by bytes per weight.
 
-Torch-free data; ``spec_from_pipeline`` (torch) counts a loaded or meta-device pipeline.
+Torch-free data; ``spec_from_pipeline`` counts a loaded pipeline (the agent's request budget uses it).
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -37,9 +37,6 @@ class ModelSpec:
     def component(self, name: str) -> ComponentSpec:
         spec: ComponentSpec = getattr(self, name)
         return spec
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # Counted on the meta device from the published configs (transformer: dim 3840, 30+2+2 layers;

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Install the system packages a job needs on a fresh Debian/Ubuntu machine, or stop at once naming them.
+#
+#   scripts/bootstrap.sh run    what `make run` needs (a C++ compiler for optimum-quanto's kernels)
+#   scripts/bootstrap.sh test   what `make test` needs as well (Chromium for the web-page tests)
+#
+# Called by the Makefile and by CI alike. As root it installs what is missing with apt-get; as anyone
+# else it prints one line with the command to run and exits 1. Nothing is downloaded outside the
+# distribution's package manager.
+set -euo pipefail
+
+job=${1:-run}
+# command -> Debian package that provides it
+declare -A provides=(
+  [python3]=python3 [g++]=g++ [make]=make [chromium]=chromium
+)
+case "$job" in
+  run) wanted=(python3 g++ make) ;;
+  test) wanted=(python3 g++ make chromium) ;;
+  *) echo "usage: $0 run|test" >&2; exit 2 ;;
+esac
+
+missing=()
+for cmd in "${wanted[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${provides[$cmd]}")
+done
+# venv is a separate package on Debian's python3.
+if command -v python3 >/dev/null 2>&1 && ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
+  missing+=(python3-venv)
+fi
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+  echo "zimage-edge: missing system packages: ${missing[*]} (install them, e.g. sudo apt-get install -y ${missing[*]})" >&2
+  exit 1
+fi
+echo "zimage-edge: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
