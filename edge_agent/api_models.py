@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_agent.errors import ApiError, from_validation
 from edge_agent.settings import GuardSettings
@@ -57,7 +57,8 @@ class OpenAIImagesRequest(BaseModel):
     prompt: str = Field(description="what to draw")
     model: str | None = Field(default=None, description="ignored: the node serves its loaded model")
     n: int = Field(default=1, ge=1, le=MAX_IMAGES, description="number of images")
-    size: str = Field(default="1024x1024", pattern=r"^\d+x\d+$", description="WIDTHxHEIGHT")
+    # Five digits a side is past any size the model takes, and keeps int() far from Python's digit limit.
+    size: str = Field(default="1024x1024", pattern=r"^\d{1,5}x\d{1,5}$", description="WIDTHxHEIGHT")
     response_format: Literal["b64_json", "url"] = Field(default="b64_json", description="inline or by link")
     output_format: OutputFormat = Field(default="png", description="image encoding")
     quality: str | None = Field(default=None, description="accepted for compatibility; Turbo always runs 8 steps")
@@ -81,24 +82,37 @@ class OpenAIImagesResponse(BaseModel):
     data: list[OpenAIImage]
 
 
+def _default(name: str) -> Any:
+    """A GenerationRequest default, read from the contract rather than written again."""
+    return GenerationRequest.model_fields[name].default
+
+
 class A1111Txt2Img(BaseModel):
     """``POST /sdapi/v1/txt2img`` as AUTOMATIC1111's web UI API defines it.
 
     A1111 clients send dozens of fields (samplers, hires fix, scripts); the ones that have no meaning
-    for Z-Image-Turbo are accepted and ignored, so existing clients work unchanged.
+    for Z-Image-Turbo are accepted and ignored, so existing clients work unchanged. The fields that do
+    have a meaning are typed as strictly as the native API's: ``"steps": true`` is not one step.
     """
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    # strict applies to the declared fields; the extra ones are kept as sent, and only listed.
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
 
     prompt: str = Field(description="what to draw")
     negative_prompt: str = Field(default="", description="what to avoid (used when cfg_scale > 0)")
-    steps: int = Field(default=8, description="denoising steps")
-    cfg_scale: float = Field(default=0.0, description="guidance scale (Turbo: 0)")
-    width: int = Field(default=1024, description="pixels, multiple of 16")
-    height: int = Field(default=1024, description="pixels, multiple of 16")
-    seed: int = Field(default=-1, description="-1 for random")
-    batch_size: int = Field(default=1, description="images")
-    n_iter: int = Field(default=1, description="batches (multiplies batch_size)")
+    steps: int = Field(default=_default("steps"), description="denoising steps")
+    cfg_scale: float = Field(default=_default("guidance"), allow_inf_nan=False, description="guidance scale (Turbo: 0)")
+    width: int = Field(default=_default("width"), description="pixels, multiple of 16")
+    height: int = Field(default=_default("height"), description="pixels, multiple of 16")
+    seed: int = Field(default=-1, ge=-1, description="-1 for random")
+    batch_size: int = Field(default=1, ge=1, le=MAX_IMAGES, description="images per batch")
+    n_iter: int = Field(default=1, ge=1, le=MAX_IMAGES, description="batches (multiplies batch_size)")
+
+    @model_validator(mode="after")
+    def _image_count(self) -> A1111Txt2Img:
+        if self.batch_size * self.n_iter > MAX_IMAGES:
+            raise ValueError(f"batch_size * n_iter = {self.batch_size * self.n_iter} exceeds {MAX_IMAGES} images")
+        return self
 
     def generation(self) -> GenerationRequest:
         return GenerationRequest(
@@ -111,6 +125,10 @@ class A1111Txt2Img(BaseModel):
             seed=None if self.seed < 0 else self.seed,
             num_images=self.batch_size * self.n_iter,
         )
+
+    def known_fields(self) -> dict[str, Any]:
+        """The validated fields, as A1111 echoes them in ``parameters``; ignored ones are not echoed."""
+        return self.model_dump(include=set(type(self).model_fields))
 
     def ignored_fields(self) -> list[str]:
         return sorted((self.model_extra or {}).keys())

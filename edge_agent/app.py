@@ -81,7 +81,7 @@ def create_app(
     app[METRICS].ready.set_function(lambda: float(state.ready))
     app[CACHE] = ResultCache(settings.cache.max_bytes)
     app[AUTH] = Authenticator(list(settings.api_keys), clock=clock)
-    app[IMAGES] = ImageStore(settings.image_ttl_s, clock=clock)
+    app[IMAGES] = ImageStore(settings.image_ttl_s, max_bytes=settings.image_store_max_bytes, clock=clock)
     app[DENY] = [re.compile(p, re.IGNORECASE) for p in settings.guard.deny]
     app[SWAP_LOCK] = asyncio.Lock()
     app[SWAPS] = set()

@@ -11,6 +11,10 @@ if TYPE_CHECKING:
     from pydantic import ValidationError
 
 
+# What a client learns of a bug: the request id on the answer finds the traceback in the log.
+INTERNAL_MESSAGE = "internal error; see the agent's log for the request id"
+
+
 class ApiError(Exception):
     def __init__(
         self, status: int, code: str, message: str, *, field: str | None = None, headers: dict[str, str] | None = None
@@ -26,14 +30,22 @@ class ApiError(Exception):
         return error_response(self.status, self.code, self.message, field=self.field, headers=self.headers)
 
 
-def error_response(
-    status: int, code: str, message: str, *, field: str | None = None, headers: dict[str, str] | None = None
-) -> web.Response:
+def error_body(code: str, message: str, *, field: str | None = None) -> dict[str, Any]:
+    """The JSON error shape, for answers and for the ``error`` event of a stream alike."""
     body: dict[str, Any] = {"code": code, "message": message}
     if field is not None:
         body["field"] = field
+    return {"error": body}
+
+
+def error_response(
+    status: int, code: str, message: str, *, field: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(
-        status=status, text=json.dumps({"error": body}), content_type="application/json", headers=headers
+        status=status,
+        text=json.dumps(error_body(code, message, field=field)),
+        content_type="application/json",
+        headers=headers,
     )
 
 

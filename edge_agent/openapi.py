@@ -36,10 +36,14 @@ ERRORS = {
     for code, text in (
         (400, "malformed body or rejected prompt"),
         (401, "missing or invalid API key"),
-        (403, "the key may not do this"),
+        (403, "the key may not do this, or a cross-site request"),
+        (408, "the request head or body arrived too slowly"),
         (413, "body too large"),
+        (415, "the body is not JSON"),
+        (421, "not a name this node answers to without API keys (set public_url)"),
         (422, "invalid field"),
         (429, "queue full or rate limited (see Retry-After)"),
+        (499, "the client closed the connection (logged and counted, never sent)"),
         (503, "not ready, draining, or out of device memory"),
         (504, "the request timed out"),
     )
@@ -96,7 +100,7 @@ def openapi_document() -> dict[str, Any]:
             "/v1/usage": _get("Usage per API key"),
             "/healthz": _get("Liveness"),
             "/readyz": _get("Readiness: warm, not swapping, not draining"),
-            "/metrics": _get("Prometheus metrics", "text/plain"),
+            "/metrics": _get("Prometheus metrics (an admin key when API keys are configured)", "text/plain"),
             "/": _get("A page to try prompts", "text/html"),
         },
     }

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -24,19 +25,45 @@ from edge_agent.api_models import (
     parse,
     to_generation,
 )
-from edge_agent.errors import ApiError
-from edge_agent.keys import IMAGES, RUNNER
+from edge_agent.errors import INTERNAL_MESSAGE, ApiError, error_body
+from edge_agent.images import public_base_url
+from edge_agent.keys import ADMIN, IMAGES, SETTINGS
+from edge_agent.logs import request_id
+from edge_agent.middleware import client_left
 
+log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
+
+# Server-Sent Events go out in slices this big, each within settings.http.sse_write_timeout_s. 64 KiB
+# is the write buffer's high-water mark (asyncio's and aiohttp's), so a slice waits only for the
+# client to take about one slice: a slow reader goes on, one that takes nothing is dropped.
+SSE_SLICE = 64 * 1024
+
+
+def _refuse_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON (RFC 8259); Python's parser takes them, and echoed back they
+    # would make our answers invalid JSON.
+    raise ValueError(f"{name} is not a JSON value")
 
 
 async def read_json(request: web.Request) -> Any:
-    """The JSON body, or a 400 (malformed) / 413 (too large) as JSON errors."""
-    raw = await request.read()  # too large: the errors middleware answers 413
+    """The JSON body, or a JSON error: 400 (unreadable, not JSON), 408 (too slow), 413 (too large)."""
+    timeout_s = request.app[SETTINGS].http.body_timeout_s
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()  # too large: the errors middleware answers 413
+    except TimeoutError as exc:
+        raise ApiError(408, "body_timeout", f"the body did not arrive within {timeout_s:g} s") from exc
+    except web.RequestPayloadError as exc:  # a corrupt compressed body, broken chunked framing
+        reason = getattr(exc.__cause__, "message", None) or "malformed payload"
+        raise ApiError(400, "invalid_body", f"the body cannot be read: {reason}") from exc
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError as exc:
+        raise ApiError(400, "invalid_json", "the body is not valid JSON: nested too deeply") from exc
+    except ValueError as exc:  # bad syntax, bad UTF-8, NaN, integers past Python's digit limit
+        reason = str(exc).split(";", 1)[0]  # the digit limit's advice on raising it is not for clients
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {reason}") from exc
 
 
 def _b64(data: bytes) -> str:
@@ -45,7 +72,7 @@ def _b64(data: bytes) -> str:
 
 async def _json_answer(build: Callable[[], Any]) -> web.Response:
     """Base64 of several images and the JSON around them take milliseconds per MB: built off the loop."""
-    text = await asyncio.to_thread(lambda: json.dumps(build()))
+    text = await asyncio.to_thread(lambda: json.dumps(build(), allow_nan=False))
     return web.Response(text=text, content_type="application/json")
 
 
@@ -83,16 +110,51 @@ async def native_generate(request: web.Request) -> web.StreamResponse:
             content_type=served.output.mime,
             headers={"X-Seed": str(served.output.seeds[0]), "X-Job-ID": served.job_id},
         )
-    model = request.app[RUNNER].identity.get("variant", "")
+    model = service.model_name(request.app)
     return await _json_answer(lambda: _native_result(model, served))
 
 
 def _sse(event: str, data: Any) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+    return f"event: {event}\ndata: {json.dumps(data, allow_nan=False)}\n\n".encode()
+
+
+class _ClientStalled(Exception):
+    """The client took nothing of the stream within the write timeout."""
+
+
+async def _within(timeout_s: float, step: Awaitable[object]) -> None:
+    try:
+        async with asyncio.timeout(timeout_s):
+            await step
+    except TimeoutError as exc:
+        raise _ClientStalled from exc
+
+
+async def _send(response: web.StreamResponse, data: bytes, timeout_s: float) -> None:
+    view = memoryview(data)
+    for start in range(0, len(view), SSE_SLICE):
+        await _within(timeout_s, response.write(view[start : start + SSE_SLICE]))
+
+
+async def _outcome(request: web.Request, waiter: asyncio.Task[service.Served]) -> bytes:
+    """The stream's last event: the result, or an ``error`` event, whatever went wrong."""
+    try:
+        served = waiter.result()
+    except ApiError as exc:
+        return _sse("error", error_body(exc.code, exc.message, field=exc.field))
+    except Exception:
+        log.exception("stream_failed", extra={"event": "stream_failed", "path": request.path})
+        return _sse("error", error_body("internal_error", INTERNAL_MESSAGE))
+    model = service.model_name(request.app)
+    return await asyncio.to_thread(lambda: _sse("result", _native_result(model, served)))
 
 
 async def _stream(request: web.Request, body: NativeGenerate) -> web.StreamResponse:
-    """Server-Sent Events: ``queued``, one ``progress`` per step, then ``result`` (or ``error``)."""
+    """Server-Sent Events: ``queued``, one ``progress`` per step, then ``result`` (or ``error``).
+
+    A client that stops reading is dropped after ``settings.http.sse_write_timeout_s`` and its job
+    withdrawn, so a stalled socket holds neither a handler nor a result.
+    """
     events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
     def on_step(done: int, total: int) -> None:
@@ -100,27 +162,40 @@ async def _stream(request: web.Request, body: NativeGenerate) -> web.StreamRespo
 
     # Everything that can be refused is refused before the stream starts, as an ordinary JSON error.
     admitted = service.admit(request, to_generation(body), output_format=body.output_format, on_step=on_step)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
     job_id = admitted.job.id if admitted.job else "cache"
-    await response.write(_sse("queued", {"id": job_id}))
     waiter = asyncio.create_task(service.wait(request, admitted), name=f"zimage-sse-{job_id}")
     # Progress reaches the queue through the loop before the job's answer does, so "done" comes last.
     waiter.add_done_callback(lambda _: events.put_nowait(("done", None)))
+    headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    rid = request_id.get()
+    if rid is not None:  # the observe middleware cannot add it once the stream has started
+        headers["X-Request-ID"] = rid
+    response = web.StreamResponse(headers=headers)
+    timeout_s = request.app[SETTINGS].http.sse_write_timeout_s
     try:
+        await _within(timeout_s, response.prepare(request))
+        await _send(response, _sse("queued", {"id": job_id}), timeout_s)
         while (item := await events.get())[0] != "done":
-            await response.write(_sse(*item))
-        try:
-            served = waiter.result()
-        except ApiError as exc:
-            await response.write(_sse("error", {"error": {"code": exc.code, "message": exc.message}}))
-        else:
-            model = request.app[RUNNER].identity.get("variant", "")
-            await response.write(await asyncio.to_thread(lambda: _sse("result", _native_result(model, served))))
-    except (ConnectionResetError, asyncio.CancelledError):
+            await _send(response, _sse(*item), timeout_s)
+        await _send(response, await _outcome(request, waiter), timeout_s)
+        await _within(timeout_s, response.write_eof())
+    except _ClientStalled:
+        waiter.cancel()  # service.wait withdraws the job if it is still queued or running
+        log.warning("sse_client_stalled", extra={"event": "sse_client_stalled", "job_id": job_id,
+                                                  "timeout_s": timeout_s})  # fmt: skip
+        client_left(request)
+        transport = request.transport
+        if transport is not None:
+            transport.abort()  # frees what was buffered for the client
+    except ConnectionResetError:
         waiter.cancel()  # the client left: service.wait withdraws the job
+        client_left(request)
+    except asyncio.CancelledError:
+        waiter.cancel()
         raise
-    await response.write_eof()
+    finally:
+        if waiter.done() and not waiter.cancelled():
+            waiter.exception()  # retrieved: a failure nobody was left to hear of is not logged as lost
     return response
 
 
@@ -135,21 +210,25 @@ async def openai_images(request: web.Request) -> web.Response:
                 created=created, data=[OpenAIImage(b64_json=_b64(image)) for image in images]
             ).model_dump(exclude_none=True)
         )
+    # Links name the agent as configured, never as the client's Host header claims it.
+    transport = request.transport
+    base = public_base_url(request.app[SETTINGS], transport.get_extra_info("sockname") if transport else None)
+    owner = service.caller(request)
     data = []
     for image in images:
-        image_id = request.app[IMAGES].put(image, served.output.mime)
-        url = request.url.with_path(f"/v1/images/{image_id}").with_query(None)
-        data.append(OpenAIImage(url=str(url)))
+        image_id = request.app[IMAGES].put(image, served.output.mime, owner)
+        data.append(OpenAIImage(url=f"{base}/v1/images/{image_id}"))
     return web.json_response(OpenAIImagesResponse(created=created, data=data).model_dump(exclude_none=True))
 
 
 @routes.get("/v1/images/{image_id}")
 async def stored_image(request: web.Request) -> web.Response:
-    found = request.app[IMAGES].get(request.match_info["image_id"])
-    if found is None:
+    found = request.app[IMAGES].get(
+        request.match_info["image_id"], reader=service.caller(request), admin=request.get(ADMIN, False)
+    )
+    if found is None:  # someone else's image too: 404, so that ids cannot be probed
         raise ApiError(404, "not_found", "no such image (images answered by URL expire)")
-    mime, data = found
-    return web.Response(body=data, content_type=mime)
+    return web.Response(body=found.data, content_type=found.mime)
 
 
 @routes.post("/sdapi/v1/txt2img")
@@ -168,12 +247,12 @@ async def a1111_txt2img(request: web.Request) -> web.Response:
         "width": gen.width,
         "height": gen.height,
         "sampler_name": "FlowMatchEuler",
-        "sd_model_name": request.app[RUNNER].identity.get("variant", ""),
+        "sd_model_name": service.model_name(request.app),
         "ignored_fields": body.ignored_fields(),
         "job_id": served.job_id,
     }
     return await _json_answer(
         lambda: A1111Response(
-            images=[_b64(image) for image in out.images], parameters=body.model_dump(), info=json.dumps(info)
+            images=[_b64(image) for image in out.images], parameters=body.known_fields(), info=json.dumps(info)
         ).model_dump()
     )

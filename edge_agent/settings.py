@@ -17,7 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from zimage_edge.request import MAX_PROMPT_CHARS
+from zimage_edge.cpu import CpuPolicy
+from zimage_edge.request import MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SIDE, MIN_SIDE
 
 
 class _Section(BaseModel):
@@ -31,7 +32,7 @@ class ApiKey(_Section):
     )
     rate_per_minute: float | None = Field(default=None, gt=0, description="requests per minute (token bucket)")
     burst: int = Field(default=5, ge=1, description="bucket size: requests allowed at once")
-    admin: bool = Field(default=False, description="may call /admin/* (model swap) and read all usage")
+    admin: bool = Field(default=False, description="may call /admin/* (model swap), read all usage and scrape /metrics")
 
     @staticmethod
     def hash(key: str) -> str:
@@ -56,8 +57,8 @@ class GuardSettings(_Section):
     deny: list[str] = Field(
         default_factory=list, description="case-insensitive regular expressions a prompt may not match"
     )
-    max_side: int = Field(default=1536, ge=64, le=2048, description="largest width or height served")
-    max_images: int = Field(default=4, ge=1, le=8, description="most images per request")
+    max_side: int = Field(default=1536, ge=MIN_SIDE, le=MAX_SIDE, description="largest width or height served")
+    max_images: int = Field(default=4, ge=1, le=MAX_IMAGES, description="most images per request")
 
     @field_validator("deny")
     @classmethod
@@ -70,6 +71,34 @@ class GuardSettings(_Section):
             except re.error as exc:
                 raise ValueError(f"deny pattern {pattern!r} is not a regular expression: {exc}") from exc
         return value
+
+
+class HttpSettings(_Section):
+    """How long a client may hold a connection without making progress (slow or stalled clients)."""
+
+    # A request head is a few hundred bytes; even a congested cellular link delivers it in well under
+    # a second, so 10 s is generous for real clients and short for a slowloris holding sockets open.
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, le=300,
+        description="time to send a request's head: from connecting (first request) or from its first byte; "
+        "the connection is closed (408 if part of a head came) after it",
+    )  # fmt: skip
+    # The largest body (max_body_bytes, 256 KiB by default) takes ~21 s at 100 kbit/s.
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, le=600, description="time to receive a request body once its head is read; 408 after it"
+    )
+    # Longer than the usual load-balancer idle timeout (60 s on AWS ALB, nginx's upstream default), so
+    # the agent never closes a connection the balancer is about to reuse; aiohttp's own default is an hour.
+    keepalive_timeout_s: float = Field(
+        default=75.0, gt=0, le=3600, description="how long an idle keep-alive connection stays open between requests"
+    )
+    # A reading client takes a 64 KiB slice of an event in milliseconds; 30 s rides out a mobile link's
+    # TCP retransmission backoff, and a client that takes nothing for that long is not reading.
+    sse_write_timeout_s: float = Field(
+        default=30.0, gt=0, le=600,
+        description="Server-Sent Events: time for a client to take each 64 KiB of the stream; "
+        "a client that does not read is dropped and its job cancelled",
+    )  # fmt: skip
 
 
 class AgentSettings(BaseSettings):
@@ -93,14 +122,36 @@ class AgentSettings(BaseSettings):
     queue: QueueSettings = Field(default_factory=QueueSettings, description="queueing and micro-batching")
     cache: CacheSettings = Field(default_factory=CacheSettings, description="result cache")
     guard: GuardSettings = Field(default_factory=GuardSettings, description="input limits")
+    cpu: CpuPolicy = Field(
+        default_factory=CpuPolicy, description="torch CPU threads (ZIMAGE_CPU__THREADS, ZIMAGE_CPU__SHARE)"
+    )
     max_body_bytes: int = Field(default=256 * 1024, ge=1024, description="largest request body; 413 above")
     warmup: bool = Field(default=True, description="run one small generation before reporting ready")
+    device_profile: str | None = Field(
+        default=None,
+        description="plan request budgets for this device profile (zimage-edge plan lists them) instead of "
+        "the detected device: for simulated nodes, or to hold a node to less than it has",
+    )
     swap_strategy: Literal["auto", "overlap", "drain"] = Field(
         default="auto",
         description="model swap: load beside the old model (overlap), unload first (drain), or pick by free memory",
     )
     drain_grace_s: float = Field(default=30.0, ge=0, description="SIGTERM: time for queued work to finish")
     image_ttl_s: float = Field(default=600.0, gt=0, description="how long images answered by URL stay fetchable")
+    # A 1024x1024 PNG is 1-3 MB: 64 MiB keeps a few dozen answers, small beside the model's memory.
+    # The floor holds the largest image the agent can make (2048x2048 RGB, 12 MiB even as incompressible
+    # PNG), so every image fits.
+    image_store_max_bytes: int = Field(
+        default=64 * 2**20, ge=16 * 2**20, description="memory for images answered by URL; the oldest go first"
+    )
+    public_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
+        description="base URL clients reach the agent at (behind a proxy: its URL), for links in answers "
+        "(response_format=url); default: http://<bound address>:<port>, never the client's Host header. "
+        "Browser pages from this origin may also post, and without API keys its host is served",
+    )
+    http: HttpSettings = Field(default_factory=HttpSettings, description="timeouts for slow and stalled clients")
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="log level")
 
     @classmethod
@@ -127,6 +178,15 @@ class AgentSettings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_keys)
+
+    @field_validator("device_profile")
+    @classmethod
+    def _known_profile(cls, value: str | None) -> str | None:
+        from quantize.profiles import PROFILES
+
+        if value is not None and value not in PROFILES:
+            raise ValueError(f"unknown device profile {value!r}; choose one of: {', '.join(PROFILES)}")
+        return value
 
     @model_validator(mode="after")
     def _auth_off_only_on_loopback(self) -> AgentSettings:

@@ -28,6 +28,11 @@ async def test_page_generates_an_image_in_chromium(start_agent, tmp_path: Path) 
         try:
             page = await browser.new_page()
             await page.goto(str(client.make_url("/")))
+            # The page asks the node for its model's own size and limits before anything else.
+            await page.wait_for_function("document.body.dataset.model === 'loaded'", timeout=WAIT_MS, polling=100)
+            assert await page.input_value("#width") == "1024"  # the tiny model has no size of its own
+            assert await page.get_attribute("#width", "max") == "1536"  # the guard's max_side
+            assert (await page.inner_text("#model")).startswith("diffusers (")
             await page.fill("#prompt", "a yellow square on a black background")
             await page.fill("#width", "128")
             await page.fill("#height", "96")
