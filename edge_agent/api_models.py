@@ -1,7 +1,8 @@
 """Request and response bodies of the three APIs, as pydantic models (they also make /openapi.json).
 
 Each API's request turns into the one ``GenerationRequest`` contract; then the site's guard applies
-(size and image limits, prompt length, deny-list), still before any model work.
+(size and image limits, prompt length, deny-list), still before any model work. A request that names
+no size gets the loaded model's own (``default_size``: 64 for the shapes model, else the contract's).
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ class NativeGenerate(GenerationRequest):
     output_format: OutputFormat = Field(default="png", description="image encoding")
     stream: bool = Field(default=False, description="answer with Server-Sent Events: one per step, then the result")
 
-    def generation(self) -> GenerationRequest:
-        return GenerationRequest.model_validate(self.model_dump(exclude={"output_format", "stream"}))
+    def generation(self, default_size: int) -> GenerationRequest:
+        data = self.model_dump(exclude={"output_format", "stream"})
+        for side in ("width", "height"):
+            if side not in self.model_fields_set:
+                data[side] = default_size
+        return GenerationRequest.model_validate(data)
 
 
 class NativeImage(BaseModel):
@@ -58,7 +63,9 @@ class OpenAIImagesRequest(BaseModel):
     model: str | None = Field(default=None, description="ignored: the node serves its loaded model")
     n: int = Field(default=1, ge=1, le=MAX_IMAGES, description="number of images")
     # Five digits a side is past any size the model takes, and keeps int() far from Python's digit limit.
-    size: str = Field(default="1024x1024", pattern=r"^\d{1,5}x\d{1,5}$", description="WIDTHxHEIGHT")
+    size: str | None = Field(
+        default=None, pattern=r"^\d{1,5}x\d{1,5}$", description="WIDTHxHEIGHT (default: the model's own size)"
+    )
     response_format: Literal["b64_json", "url"] = Field(default="b64_json", description="inline or by link")
     output_format: OutputFormat = Field(default="png", description="image encoding")
     quality: str | None = Field(default=None, description="accepted for compatibility; Turbo always runs 8 steps")
@@ -66,8 +73,8 @@ class OpenAIImagesRequest(BaseModel):
     user: str | None = Field(default=None, description="end-user id, logged")
     seed: int | None = Field(default=None, ge=0, description="extension: a fixed seed")
 
-    def generation(self) -> GenerationRequest:
-        width, height = (int(v) for v in self.size.split("x"))
+    def generation(self, default_size: int) -> GenerationRequest:
+        width, height = (int(v) for v in self.size.split("x")) if self.size else (default_size, default_size)
         return GenerationRequest(prompt=self.prompt, width=width, height=height, num_images=self.n, seed=self.seed)
 
 
@@ -102,8 +109,8 @@ class A1111Txt2Img(BaseModel):
     negative_prompt: str = Field(default="", description="what to avoid (used when cfg_scale > 0)")
     steps: int = Field(default=_default("steps"), description="denoising steps")
     cfg_scale: float = Field(default=_default("guidance"), allow_inf_nan=False, description="guidance scale (Turbo: 0)")
-    width: int = Field(default=_default("width"), description="pixels, multiple of 16")
-    height: int = Field(default=_default("height"), description="pixels, multiple of 16")
+    width: int | None = Field(default=None, description="pixels, multiple of 16 (default: the model's own size)")
+    height: int | None = Field(default=None, description="pixels, multiple of 16 (default: the model's own size)")
     seed: int = Field(default=-1, ge=-1, description="-1 for random")
     batch_size: int = Field(default=1, ge=1, le=MAX_IMAGES, description="images per batch")
     n_iter: int = Field(default=1, ge=1, le=MAX_IMAGES, description="batches (multiplies batch_size)")
@@ -114,14 +121,14 @@ class A1111Txt2Img(BaseModel):
             raise ValueError(f"batch_size * n_iter = {self.batch_size * self.n_iter} exceeds {MAX_IMAGES} images")
         return self
 
-    def generation(self) -> GenerationRequest:
+    def generation(self, default_size: int) -> GenerationRequest:
         return GenerationRequest(
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
             steps=self.steps,
             guidance=float(self.cfg_scale),
-            width=self.width,
-            height=self.height,
+            width=default_size if self.width is None else self.width,
+            height=default_size if self.height is None else self.height,
             seed=None if self.seed < 0 else self.seed,
             num_images=self.batch_size * self.n_iter,
         )
@@ -157,9 +164,10 @@ def parse(model: type[BaseModel], data: Any) -> Any:
     return _validated(lambda: model.model_validate(data))
 
 
-def to_generation(body: Any) -> GenerationRequest:
-    """The body's GenerationRequest; its validation errors become 422s naming the body's field."""
-    request: GenerationRequest = _validated(body.generation)
+def to_generation(body: Any, default_size: int) -> GenerationRequest:
+    """The body's GenerationRequest (``default_size`` where it names no size); its validation errors
+    become 422s naming the body's field."""
+    request: GenerationRequest = _validated(lambda: body.generation(default_size))
     return request
 
 

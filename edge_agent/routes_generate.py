@@ -97,7 +97,7 @@ def _wants_sse(request: web.Request, body: NativeGenerate) -> bool:
 @routes.post("/v1/generate")
 async def native_generate(request: web.Request) -> web.StreamResponse:
     body: NativeGenerate = parse(NativeGenerate, await read_json(request))
-    gen = to_generation(body)
+    gen = to_generation(body, service.default_size(request.app))
     if _wants_sse(request, body):
         return await _stream(request, body)
     served = await service.generate(request, gen, output_format=body.output_format)
@@ -161,7 +161,12 @@ async def _stream(request: web.Request, body: NativeGenerate) -> web.StreamRespo
         events.put_nowait(("progress", {"step": done, "total": total}))
 
     # Everything that can be refused is refused before the stream starts, as an ordinary JSON error.
-    admitted = service.admit(request, to_generation(body), output_format=body.output_format, on_step=on_step)
+    admitted = service.admit(
+        request,
+        to_generation(body, service.default_size(request.app)),
+        output_format=body.output_format,
+        on_step=on_step,
+    )
     job_id = admitted.job.id if admitted.job else "cache"
     waiter = asyncio.create_task(service.wait(request, admitted), name=f"zimage-sse-{job_id}")
     # Progress reaches the queue through the loop before the job's answer does, so "done" comes last.
@@ -202,7 +207,9 @@ async def _stream(request: web.Request, body: NativeGenerate) -> web.StreamRespo
 @routes.post("/v1/images/generations")
 async def openai_images(request: web.Request) -> web.Response:
     body: OpenAIImagesRequest = parse(OpenAIImagesRequest, await read_json(request))
-    served = await service.generate(request, to_generation(body), output_format=body.output_format)
+    served = await service.generate(
+        request, to_generation(body, service.default_size(request.app)), output_format=body.output_format
+    )
     images, created = served.output.images, int(time.time())
     if body.response_format == "b64_json":
         return await _json_answer(
@@ -234,7 +241,7 @@ async def stored_image(request: web.Request) -> web.Response:
 @routes.post("/sdapi/v1/txt2img")
 async def a1111_txt2img(request: web.Request) -> web.Response:
     body: A1111Txt2Img = parse(A1111Txt2Img, await read_json(request))
-    gen = to_generation(body)
+    gen = to_generation(body, service.default_size(request.app))
     served = await service.generate(request, gen)
     out = served.output
     info = {

@@ -46,6 +46,12 @@ def caller(request: web.Request) -> str:
     return str(request.get(CALLER, ANONYMOUS))
 
 
+def default_size(app: web.Application) -> int:
+    """The side a request that names no size gets: the loaded model's own, else the contract's."""
+    identity = app[RUNNER].identity
+    return identity.default_size if identity is not None else int(GenerationRequest.model_fields["width"].default)
+
+
 def model_name(app: web.Application) -> str:
     """The loaded model's variant name, as the APIs answer it ("" while none is loaded)."""
     identity = app[RUNNER].identity

@@ -19,6 +19,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from quantize.calibration import QUALITY_GATE_SIDE
 from quantize.manifest import QualityReport
 from quantize.variants import QualityThresholds
+from zimage_edge.errors import ZimageEdgeError
 from zimage_edge.model.generate import generate
 from zimage_edge.request import DEFAULT_STEPS, GenerationRequest
 
@@ -141,7 +142,7 @@ def report(
     )
 
 
-class QualityGateError(RuntimeError):
+class QualityGateError(ZimageEdgeError):
     """The variant is below its quality thresholds; nothing was written."""
 
     def __init__(self, reasons: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,13 +18,16 @@ TEST_THREADS = 1
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Set torch's threads before any test imports a model (``set_num_interop_threads`` works once)."""
+    """Set torch's threads before any test imports a model (``set_num_interop_threads`` works once).
+
+    The choice goes into the environment too, so that the commands the tests run in-process (which
+    apply ``ZIMAGE_CPU__*`` themselves) and the agents they start as processes follow it.
+    """
     from zimage_edge.cpu import CpuSettings, configure_threads
 
-    policy = CpuSettings()
-    if not policy.model_fields_set:
-        policy = CpuSettings(threads=TEST_THREADS)
-    configure_threads(policy)
+    if not CpuSettings().model_fields_set:
+        os.environ["ZIMAGE_CPU__THREADS"] = str(TEST_THREADS)
+    configure_threads(CpuSettings())
 
 
 CPU_FACTS = DeviceFacts(

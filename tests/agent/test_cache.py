@@ -54,7 +54,9 @@ def test_cache_key_covers_artifact_and_request() -> None:
 def test_image_store_expires() -> None:
     now = [0.0]
     store = ImageStore(ttl_s=10, clock=lambda: now[0])
-    image_id = store.put(b"png", "image/png")
-    assert store.get(image_id) == ("image/png", b"png")
+    image_id = store.put(b"png", "image/png", owner="kiosk")
+    found = store.get(image_id, reader="kiosk")
+    assert found is not None
+    assert (found.mime, found.data) == ("image/png", b"png")
     now[0] = 10.5
-    assert store.get(image_id) is None
+    assert store.get(image_id, reader="kiosk") is None

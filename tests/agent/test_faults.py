@@ -188,3 +188,27 @@ async def test_requests_over_the_devices_budget_are_refused(start_agent) -> None
     assert error["code"] == "over_device_budget"
     assert "Jetson Orin Nano 8 GB" in error["message"]
     assert (await client.post("/v1/generate", json=SMALL)).status == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/generate", {"prompt": "a red circle on a blue background", "seed": 3}),
+        ("/v1/images/generations", {"prompt": "a red circle on a blue background", "seed": 3}),
+        ("/sdapi/v1/txt2img", {"prompt": "a red circle on a blue background", "seed": 3}),
+    ],
+)
+async def test_every_api_draws_at_the_models_own_size_by_default(start_agent, path: str, body: dict) -> None:
+    import base64
+
+    from tests.agent.conftest import decode_image
+    from zimage_edge.shapes import PRETRAINED
+
+    client = await start_agent(model=str(PRETRAINED))
+    response = await client.post(path, json=body)
+    assert response.status == 200, await response.text()
+    data = await response.json()
+    images = {"/v1/generate": lambda d: d["images"][0]["b64"], "/v1/images/generations": lambda d: d["data"][0][
+        "b64_json"], "/sdapi/v1/txt2img": lambda d: d["images"][0]}  # fmt: skip
+    encoded = images[path](data)
+    assert decode_image(base64.b64decode(encoded)).size == (64, 64)
