@@ -23,6 +23,7 @@ from edge_agent.keys import (
     DENY,
     IMAGES,
     METRICS,
+    MODELS,
     PAGE,
     RUNNER,
     SCHEDULER,
@@ -32,6 +33,7 @@ from edge_agent.keys import (
     SWAPS,
 )  # fmt: skip
 from edge_agent.metrics import Metrics
+from edge_agent.routes_a1111 import routes as a1111_routes
 from edge_agent.routes_generate import routes as generate_routes
 from edge_agent.routes_ops import load_page
 from edge_agent.routes_ops import routes as ops_routes
@@ -85,8 +87,10 @@ def create_app(
     app[DENY] = [re.compile(p, re.IGNORECASE) for p in settings.guard.deny]
     app[SWAP_LOCK] = asyncio.Lock()
     app[SWAPS] = set()
+    app[MODELS] = {}
     app[PAGE] = load_page()
     app.add_routes(generate_routes)
+    app.add_routes(a1111_routes)
     app.add_routes(ops_routes)
     app.cleanup_ctx.append(_runner_ctx(loader or default_loader(settings), batch_fn))
     return app

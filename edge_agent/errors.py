@@ -26,7 +26,11 @@ class ApiError(Exception):
         self.field = field
         self.headers = headers or {}
 
-    def response(self) -> web.Response:
+    def response(self, *, a1111: bool = False) -> web.Response:
+        """The JSON answer; ``a1111``: in AUTOMATIC1111's error shape, for its API's clients."""
+        if a1111:
+            body = {"error": self.code, "detail": self.message, "body": self.field or "", "errors": self.message}
+            return web.json_response(body, status=self.status, headers=self.headers)
         return error_response(self.status, self.code, self.message, field=self.field, headers=self.headers)
 
 

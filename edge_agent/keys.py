@@ -17,6 +17,7 @@ from edge_agent.runner import ModelRunner
 from edge_agent.scheduler import Scheduler
 from edge_agent.settings import AgentSettings
 from edge_agent.state import AgentState
+from quantize.identity import ModelIdentity
 from zimage_edge.cpu import ThreadDecision
 
 SETTINGS = web.AppKey("settings", AgentSettings)
@@ -32,8 +33,11 @@ CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")  # monotonic second
 SWAP_LOCK = web.AppKey("swap_lock", asyncio.Lock)
 SWAPS = web.AppKey("swaps", set[asyncio.Task[dict[str, Any]]])  # swaps in flight, owned by the app
 PAGE = web.AppKey("page", str)
+MODELS = web.AppKey("models", dict[str, ModelIdentity])  # every model this node has served, by artifact_id
 CPU_THREADS = web.AppKey("cpu_threads", ThreadDecision)  # the thread policy this process runs under
 
 # Per-request values left by the auth middleware.
 CALLER = web.RequestKey("caller", str)
 ADMIN = web.RequestKey("admin", bool)
+# Set by a handler whose client left in the middle of a streamed answer.
+CLIENT_LEFT = web.RequestKey("client_left", bool)

@@ -24,8 +24,9 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
-from edge_agent.errors import INTERNAL_MESSAGE, ApiError, error_response
-from edge_agent.keys import ADMIN, AUTH, CALLER, METRICS, SETTINGS
+from edge_agent.a1111 import PREFIX as A1111_PREFIX
+from edge_agent.errors import INTERNAL_MESSAGE, ApiError
+from edge_agent.keys import ADMIN, AUTH, CALLER, CLIENT_LEFT, METRICS, SETTINGS
 from edge_agent.logs import request_id
 from edge_agent.settings import AgentSettings
 
@@ -51,10 +52,6 @@ def _route_name(request: web.Request) -> str:
     route = request.match_info.route
     resource = route.resource if route is not None else None
     return resource.canonical if resource is not None else "unmatched"
-
-
-# Set by a handler whose client left in the middle of a streamed answer.
-CLIENT_LEFT = web.RequestKey("client_left", bool)
 
 
 def client_gone(request: web.Request) -> bool:
@@ -113,26 +110,30 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as ``{"error": {...}}`` with a fitting status; nothing leaks a traceback."""
+    """Every failure leaves as ``{"error": {...}}`` with a fitting status; nothing leaks a traceback.
+
+    Under ``/sdapi/`` the body takes AUTOMATIC1111's error shape, which its clients parse.
+    """
+    a1111 = request.path.startswith(A1111_PREFIX)
     try:
         return await handler(request)
     except ApiError as exc:
-        return exc.response()
+        return exc.response(a1111=a1111)
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SETTINGS].max_body_bytes
-        return error_response(413, "body_too_large", f"the body exceeds {limit} bytes")
+        return ApiError(413, "body_too_large", f"the body exceeds {limit} bytes").response(a1111=a1111)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_")
         # Keep headers that matter to the client (Allow on 405); the body becomes JSON.
         headers = {k: v for k, v in exc.headers.items() if k.lower() not in {"content-type", "content-length"}}
-        return error_response(exc.status, code, exc.reason, headers=headers)
+        return ApiError(exc.status, code, exc.reason, headers=headers).response(a1111=a1111)
     except ConnectionResetError:
         raise  # the client left: there is nobody to answer, and observe counts it as such
     except Exception:
         log.exception("unhandled", extra={"event": "unhandled_error", "path": request.path})
-        return error_response(500, "internal_error", INTERNAL_MESSAGE)
+        return ApiError(500, "internal_error", INTERNAL_MESSAGE).response(a1111=a1111)
 
 
 def _host_of(header: str | None) -> tuple[str, int | None] | None:

@@ -8,6 +8,14 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from edge_agent.a1111 import (
+    OptionsResult,
+    OptionsUpdate,
+    ProgressResponse,
+    SamplerItem,
+    SchedulerItem,
+    SDModelItem,
+)
 from edge_agent.api_models import (
     A1111Response,
     A1111Txt2Img,
@@ -67,15 +75,25 @@ def _post(summary: str, body: type[BaseModel], answer: type[BaseModel], extra: d
     }
 
 
-def _get(summary: str, content_type: str = "application/json") -> dict:
-    return {"get": {"summary": summary, "responses": {"200": {"description": "ok", "content": {content_type: {}}}}}}
+def _get(summary: str, content_type: str = "application/json", schema: dict[str, Any] | None = None) -> dict:
+    content = {content_type: {"schema": schema} if schema else {}}
+    return {"get": {"summary": summary, "responses": {"200": {"description": "ok", "content": content}}}}
+
+
+def _list_of(model: type[BaseModel]) -> dict[str, Any]:
+    return {"type": "array", "items": _ref(model)}
+
+
+def _post_empty(summary: str) -> dict[str, Any]:
+    return {"post": {"summary": summary, "responses": {"200": {"description": "how many jobs were stopped"}},
+                     "security": [{"bearer": []}, {}]}}  # fmt: skip
 
 
 @cache
 def openapi_document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [
         NativeGenerate, NativeResult, OpenAIImagesRequest, OpenAIImagesResponse, A1111Txt2Img, A1111Response,
-        SwapRequest,
+        SwapRequest, SDModelItem, SamplerItem, SchedulerItem, ProgressResponse, OptionsUpdate, OptionsResult,
     ]  # fmt: skip
     _, schema = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
     schemas = dict(schema.get("$defs", {}))
@@ -94,6 +112,21 @@ def openapi_document() -> dict[str, Any]:
                 "OpenAI-compatible image generation", OpenAIImagesRequest, OpenAIImagesResponse
             ),
             "/sdapi/v1/txt2img": _post("AUTOMATIC1111-compatible txt2img", A1111Txt2Img, A1111Response),
+            "/sdapi/v1/sd-models": _get("Models this node has served, A1111 checkpoints", schema=_list_of(SDModelItem)),
+            "/sdapi/v1/options": {
+                **_get("A1111 options: sd_model_checkpoint and A1111's defaults"),
+                **_post(
+                    "Set sd_model_checkpoint (a model swap, admin key); other keys ignored",
+                    OptionsUpdate,
+                    OptionsResult,
+                ),
+            },
+            "/sdapi/v1/progress": _get("The caller's jobs in flight", schema=_ref(ProgressResponse)),
+            "/sdapi/v1/samplers": _get("The sampler the Turbo pipeline runs", schema=_list_of(SamplerItem)),
+            "/sdapi/v1/schedulers": _get("Its sigma schedule", schema=_list_of(SchedulerItem)),
+            "/sdapi/v1/interrupt": _post_empty("Stop the caller's running and queued jobs (409 for them)"),
+            "/sdapi/v1/skip": _post_empty("Stop the caller's running job"),
+            "/sdapi/v1/scripts": _get("A1111 scripts (none)"),
             "/admin/model": _post("Swap the loaded model (admin key)", SwapRequest, SwapRequest),
             "/v1/images/{image_id}": _get("An image answered by URL", "image/png"),
             "/v1/models": _get("The loaded model (OpenAI list format)"),

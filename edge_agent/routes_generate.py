@@ -14,8 +14,6 @@ from aiohttp import web
 
 from edge_agent import service
 from edge_agent.api_models import (
-    A1111Response,
-    A1111Txt2Img,
     NativeGenerate,
     NativeImage,
     NativeResult,
@@ -66,11 +64,11 @@ async def read_json(request: web.Request) -> Any:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {reason}") from exc
 
 
-def _b64(data: bytes) -> str:
+def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-async def _json_answer(build: Callable[[], Any]) -> web.Response:
+async def json_answer(build: Callable[[], Any]) -> web.Response:
     """Base64 of several images and the JSON around them take milliseconds per MB: built off the loop."""
     text = await asyncio.to_thread(lambda: json.dumps(build(), allow_nan=False))
     return web.Response(text=text, content_type="application/json")
@@ -81,7 +79,7 @@ def _native_result(model: str, served: service.Served) -> dict[str, Any]:
     result = NativeResult(
         id=served.job_id,
         model=model,
-        images=[NativeImage(b64=_b64(data), seed=seed) for data, seed in zip(out.images, out.seeds, strict=False)],
+        images=[NativeImage(b64=b64(data), seed=seed) for data, seed in zip(out.images, out.seeds, strict=False)],
         mime=out.mime,
         timings=out.timings,
         queue_wait_sec=round(served.queue_wait, 6),
@@ -111,7 +109,7 @@ async def native_generate(request: web.Request) -> web.StreamResponse:
             headers={"X-Seed": str(served.output.seeds[0]), "X-Job-ID": served.job_id},
         )
     model = service.model_name(request.app)
-    return await _json_answer(lambda: _native_result(model, served))
+    return await json_answer(lambda: _native_result(model, served))
 
 
 def _sse(event: str, data: Any) -> bytes:
@@ -212,9 +210,9 @@ async def openai_images(request: web.Request) -> web.Response:
     )
     images, created = served.output.images, int(time.time())
     if body.response_format == "b64_json":
-        return await _json_answer(
+        return await json_answer(
             lambda: OpenAIImagesResponse(
-                created=created, data=[OpenAIImage(b64_json=_b64(image)) for image in images]
+                created=created, data=[OpenAIImage(b64_json=b64(image)) for image in images]
             ).model_dump(exclude_none=True)
         )
     # Links name the agent as configured, never as the client's Host header claims it.
@@ -236,30 +234,3 @@ async def stored_image(request: web.Request) -> web.Response:
     if found is None:  # someone else's image too: 404, so that ids cannot be probed
         raise ApiError(404, "not_found", "no such image (images answered by URL expire)")
     return web.Response(body=found.data, content_type=found.mime)
-
-
-@routes.post("/sdapi/v1/txt2img")
-async def a1111_txt2img(request: web.Request) -> web.Response:
-    body: A1111Txt2Img = parse(A1111Txt2Img, await read_json(request))
-    gen = to_generation(body, service.default_size(request.app))
-    served = await service.generate(request, gen)
-    out = served.output
-    info = {
-        "prompt": gen.prompt,
-        "negative_prompt": gen.negative_prompt,
-        "seed": out.seeds[0],
-        "all_seeds": out.seeds,
-        "steps": gen.steps,
-        "cfg_scale": gen.guidance,
-        "width": gen.width,
-        "height": gen.height,
-        "sampler_name": "FlowMatchEuler",
-        "sd_model_name": service.model_name(request.app),
-        "ignored_fields": body.ignored_fields(),
-        "job_id": served.job_id,
-    }
-    return await _json_answer(
-        lambda: A1111Response(
-            images=[_b64(image) for image in out.images], parameters=body.known_fields(), info=json.dumps(info)
-        ).model_dump()
-    )

@@ -146,6 +146,7 @@ class ModelRunner:
     def _generate(self, model: LoadedModel, batch: list[Work]) -> list[JobOutput | BaseException]:
         def on_step(done: int, total: int) -> None:
             for work in batch:
+                work.step = done
                 if work.on_step is not None and not work.cancel.is_set():
                     work.on_step(done, total)
 

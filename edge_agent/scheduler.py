@@ -44,12 +44,12 @@ class Job:
     started_at: float | None = None
     stopped: str | None = None  # why the node stopped it (drain): its client gets an answer, not a cut
 
-    def stop(self, reason: str) -> None:
-        """End the job on the node's behalf: its client is told why (a 503), its work stops."""
-        self.stopped = reason
+    def stop(self, error: GenerationCancelled) -> None:
+        """End the job on the node's or its caller's behalf: its client is told why, its work stops."""
+        self.stopped = error.reason
         self.work.cancel.set()
         if not self.future.done():
-            self.future.set_exception(GenerationCancelled(0, self.request.steps, reason))
+            self.future.set_exception(error)
 
     @property
     def request(self) -> GenerationRequest:
@@ -100,10 +100,21 @@ class Scheduler:
         get a 503 saying ``reason``. Returns how many."""
         jobs = [*self.pending, *self.running]
         for job in jobs:
-            job.stop(reason)
+            job.stop(GenerationCancelled(job.work.step, job.request.steps, reason))
         self.pending.clear()
         self._notify()
         return len(jobs)
+
+    def stop(self, job: Job, error: GenerationCancelled) -> None:
+        """Stop one job (queued: it leaves the queue; running: it stops at the next step)."""
+        job.stop(error)
+        if job in self.pending:
+            self.pending.remove(job)
+            self._notify()
+
+    def jobs_of(self, owner: str) -> list[Job]:
+        """The jobs ``owner`` has in flight, running ones first."""
+        return [job for job in (*self.running, *self.pending) if job.work.owner == owner and not job.future.done()]
 
     # --- control ---------------------------------------------------------------------------------
 

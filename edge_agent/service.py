@@ -13,7 +13,7 @@ from edge_agent.api_models import apply_guard
 from edge_agent.budget import OverBudget
 from edge_agent.cache import cache_key
 from edge_agent.errors import ApiError
-from edge_agent.jobs import JobOutput, Work
+from edge_agent.jobs import Interrupted, JobOutput, Work
 from edge_agent.keys import AUTH, CACHE, CALLER, DENY, METRICS, RUNNER, SCHEDULER, SETTINGS, STATE
 from edge_agent.runner import NoModel, OutOfMemory
 from edge_agent.scheduler import Job, QueueFull
@@ -93,7 +93,7 @@ def admit(
             loop.call_soon_threadsafe(callback, done, total)
 
     try:
-        job = app[SCHEDULER].submit(Work(gen, output_format, on_step=step))
+        job = app[SCHEDULER].submit(Work(gen, output_format, on_step=step, owner=caller(request)))
     except QueueFull as exc:
         retry = str(math.ceil(exc.retry_after))
         raise ApiError(429, "queue_full", "the generation queue is full", headers={"Retry-After": retry}) from exc
@@ -118,6 +118,8 @@ async def wait(request: web.Request, admitted: Admitted) -> Served:
         raise
     except OutOfMemory as exc:
         raise ApiError(503, "out_of_memory", str(exc), headers={"Retry-After": "10"}) from exc
+    except Interrupted as exc:
+        raise ApiError(409, "interrupted", f"the request was stopped: {exc.reason}") from exc
     except GenerationCancelled as exc:
         why = exc.reason or "the node is draining"
         raise ApiError(503, "cancelled", f"the request was stopped: {why}", headers={"Retry-After": "5"}) from exc

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from edge_agent.keys import CACHE, METRICS, RUNNER, SCHEDULER, SETTINGS, STATE, SWAP_LOCK, SWAPS
+from edge_agent.keys import CACHE, METRICS, MODELS, RUNNER, SCHEDULER, SETTINGS, STATE, SWAP_LOCK, SWAPS
 from edge_agent.runner import Loaded
 from quantize.models import inspect_source
 from quantize.profiles import DeviceProfile, get_profile
@@ -45,7 +45,9 @@ def planning_profile(app: web.Application) -> DeviceProfile | None:
 
 
 def describe_model(app: web.Application, loaded: Loaded) -> None:
+    """Publish what is now loaded: metrics, and the list of models this node has served (A1111)."""
     identity = loaded.model.identity
+    app[MODELS][identity.id] = identity
     app[METRICS].model.info({
         "artifact_id": identity.id, "variant": identity.variant, "source": identity.source,
         "dtype": identity.dtype, "device": identity.device,

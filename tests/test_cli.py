@@ -60,3 +60,26 @@ def test_torch_free_modules_do_not_import_torch() -> None:
         "zimage_edge.cli.build_parser(); assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_only_the_projects_own_errors_become_one_line(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import quantize.models
+
+    def torch_bug(*_args, **_kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(quantize.models, "load_model", torch_bug)
+    argv = ["generate", "--model", str(tiny_model_dir), "a red circle", "-o", str(tmp_path / "x.png"), "-q"]
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # a bug keeps its traceback
+        cli.main(argv)
+
+    from zimage_edge.model.loading import ModelLoadError
+
+    def user_error(*_args, **_kwargs):
+        raise ModelLoadError("model directory /nowhere does not exist")
+
+    monkeypatch.setattr(quantize.models, "load_model", user_error)
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err.strip() == "zimage-edge generate: model directory /nowhere does not exist"

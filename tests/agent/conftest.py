@@ -61,4 +61,14 @@ class FrozenClock:
         self.now += seconds
 
 
+def error_of(path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """``{"code", "message", "field"}`` of an error answer, in either shape: the agent's own, or
+    AUTOMATIC1111's (``{"error": code, "detail": message, "body": field, "errors"}``) under /sdapi/."""
+    if path.startswith("/sdapi/"):
+        assert set(body) == {"error", "detail", "body", "errors"}, body
+        return {"code": body["error"], "message": body["detail"], "field": body["body"] or None}
+    error: dict[str, Any] = body["error"]
+    return error
+
+
 SMALL = {"prompt": "a red circle on a blue background", "width": 64, "height": 64}

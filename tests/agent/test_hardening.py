@@ -33,7 +33,7 @@ from edge_agent.images import ImageStore, public_base_url
 from edge_agent.keys import SCHEDULER, SETTINGS, STATE
 from edge_agent.runner import default_batch_fn
 from edge_agent.settings import AgentSettings, ApiKey
-from tests.agent.conftest import SMALL, WARM_TIMEOUT_S, decode_image
+from tests.agent.conftest import SMALL, WARM_TIMEOUT_S, decode_image, error_of
 from zimage_edge.request import MAX_IMAGES, GenerationRequest
 
 # Bound on every wait for the server to do something; the tiny model and these agents answer in
@@ -166,7 +166,7 @@ async def test_malformed_json_is_a_400_on_every_route(start, body: bytes) -> Non
         response = await client.post(path, data=body, headers={"Content-Type": "application/json"})
         assert response.status == 400, (path, await response.text())
         assert response.content_type == "application/json"
-        error = (await response.json())["error"]
+        error = error_of(path, await response.json())
         assert error["code"] == "invalid_json"
         assert "sys.set_int_max_str_digits" not in error["message"]
     assert (await client.get("/readyz")).status == 200
@@ -492,7 +492,7 @@ async def test_a1111_known_fields_are_strict(start) -> None:
     for patch, field in A1111_BAD:
         response = await client.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64, **patch})
         assert response.status == 422, (patch, await response.text())
-        error = (await response.json())["error"]
+        error = error_of("/sdapi/v1/txt2img", await response.json())
         assert error.get("field") == field, patch
         if field is None:
             assert "batch_size * n_iter" in error["message"]
