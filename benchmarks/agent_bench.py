@@ -18,17 +18,14 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import statistics
-import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from report import RESULTS, write_results
+from report import RESULTS, agent_process, write_results
 
 from zimage_edge.model.generate import generate
 from zimage_edge.model.loading import load_pipeline
@@ -42,29 +39,10 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-@contextlib.asynccontextmanager
-async def agent(model: str, **env: str) -> AsyncIterator[str]:
+def agent(model: str, **env: str) -> contextlib.AbstractAsyncContextManager[str]:
     """A ``zimage-edge serve`` process on a free loopback port; yields its base URL once warm."""
     settings = {"ZIMAGE_CACHE__MAX_BYTES": "0", "ZIMAGE_LOG_LEVEL": "WARNING", **env}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "zimage_edge.cli", "serve", "--model", model, "--port", "0",
-        stdout=asyncio.subprocess.PIPE, env={**os.environ, **settings},
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode().strip()
-        base = line.rsplit(" ", 1)[1]
-        async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:  # the model loads after the port opens
-                async with session.get(f"{base}/readyz") as response:
-                    if response.status == 200:
-                        break
-                await asyncio.sleep(0.05)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await proc.wait()
+    return agent_process(model, {**os.environ, **settings})
 
 
 async def overhead(model: str, count: int, size: int) -> dict[str, Any]:

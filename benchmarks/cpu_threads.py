@@ -23,18 +23,16 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from report import RESULTS, write_results
+from report import RESULTS, agent_process, write_results
 
 from zimage_edge.cpu import CpuSettings, configure_threads
 from zimage_edge.shapes import PRETRAINED
@@ -182,28 +180,9 @@ def wait_policy(rounds: int, seconds: float) -> dict[str, Any]:
     return {setup.name: setup.summary() for setup in setups}
 
 
-@contextlib.asynccontextmanager
-async def agent(env: dict[str, str]) -> AsyncIterator[str]:
+def agent(env: dict[str, str]) -> contextlib.AbstractAsyncContextManager[str]:
     """A ``zimage-edge serve`` process of the shapes model on a free port; yields its URL once warm."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "zimage_edge.cli", "serve", "--model", str(PRETRAINED), "--port", "0",
-        stdout=asyncio.subprocess.PIPE, env=env,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)).decode().strip()
-        base = line.rsplit(" ", 1)[1]
-        async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while time.monotonic() < deadline:  # the model loads after the port opens
-                async with session.get(f"{base}/readyz") as response:
-                    if response.status == 200:
-                        break
-                await asyncio.sleep(0.05)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await proc.wait()
+    return agent_process(str(PRETRAINED), env, START_TIMEOUT_S)
 
 
 async def feed(session: aiohttp.ClientSession, base: str, clients: int, per_client: int, offset: int) -> list[float]:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import resource
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 
 RESULTS = Path(__file__).parent / "results"
@@ -45,3 +51,28 @@ def write_results(out: Path, name: str, data: dict[str, Any], text: str | None =
         print(text)
         (out / f"{name}.md").write_text(text)
     return path
+
+
+@contextlib.asynccontextmanager
+async def agent_process(model: str, env: Mapping[str, str], start_timeout_s: float = 120) -> AsyncIterator[str]:
+    """A ``zimage-edge serve`` process on a free loopback port with ``env``; yields its base URL once
+    ready (the model loads after the port opens), and stops it with SIGTERM afterwards."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "zimage_edge.cli", "serve", "--model", model, "--port", "0",
+        stdout=asyncio.subprocess.PIPE, env=dict(env),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), start_timeout_s)).decode().strip()
+        base = line.rsplit(" ", 1)[1]
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + start_timeout_s
+            while time.monotonic() < deadline:
+                async with session.get(f"{base}/readyz") as response:
+                    if response.status == 200:
+                        break
+                await asyncio.sleep(0.05)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await proc.wait()
