@@ -1,0 +1,708 @@
+"""The controller's state in SQL, through SQLAlchemy Core: SQLite by default, PostgreSQL at scale.
+
+Nothing here is SQLite-only: conflicts are resolved with ``INSERT ... ON CONFLICT`` built by the
+dialect's own ``insert`` (SQLite and PostgreSQL spell it the same), comparisons use ``CASE`` rather than
+``max()``/``greatest()``, and times are epoch seconds from the injected clock, not database functions.
+
+There are no migrations yet: the ``meta`` table records the schema version, and a database of another
+version is refused with a clear error rather than half-read (Alembic arrives with the scale-out work).
+
+Every method is blocking; an asyncio controller calls them from an executor, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    ColumnElement,
+    Connection,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    MetaData,
+    Row,
+    String,
+    Table,
+    Text,
+    case,
+    create_engine,
+    event,
+    func,
+    inspect,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+
+from fleet.rollout import NodeObservation, ReleaseVariant, RolloutState, RolloutStatus, Telemetry
+from quantize.manifest import Manifest, artifact_id
+from quantize.variants import VariantRecipe
+from zimage_edge.device import DeviceFacts, DeviceKind
+from zimage_edge.errors import ZimageEdgeError
+
+SCHEMA_VERSION = 1
+# A lock held longer than this by another writer (a CLI command beside the running controller) is an
+# error rather than a hang; the controller's own writes (a telemetry batch, a rollout state) commit in
+# milliseconds, so five seconds of waiting means something is stuck.
+SQLITE_BUSY_TIMEOUT_MS = 5000
+# Rows read per query while walking the ack watermark over a node's backlog: a node back from an
+# outage of hours at one message per second brings thousands; chunks keep the walk's memory flat.
+ACK_SCAN_CHUNK = 1000
+# Node ids and release names are MQTT topic levels and CLI arguments: short human names, never long.
+NAME_LENGTH = 128
+ARTIFACT_ID_LENGTH = 64  # hex sha256 of the manifest
+
+# JSONB on PostgreSQL (indexable, compact); SQLite stores JSON as text. Either round-trips exactly.
+JSONValue = JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+metadata = MetaData()
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", String(256), nullable=False),
+)
+
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("id", String(NAME_LENGTH), primary_key=True),
+    Column("labels", JSONValue, nullable=False),
+    Column("facts", JSONValue, nullable=True),  # DeviceFacts.to_dict, as the node reported it
+    Column("artifact", String(ARTIFACT_ID_LENGTH), nullable=True),  # running now
+    Column("reported_generation", BigInteger, nullable=False),
+    # What the controller last published: new generations go above it, even after a restart.
+    Column("desired_generation", BigInteger, nullable=False),
+    Column("desired_artifact", String(ARTIFACT_ID_LENGTH), nullable=True),
+    Column("ready", Boolean, nullable=False),
+    Column("health", Text, nullable=True),  # the agent's own word on its state
+    Column("failed_generation", BigInteger, nullable=False),  # the highest generation it gave up on
+    Column("error", Text, nullable=True),  # why it did not apply its desired state
+    Column("online", Boolean, nullable=False),
+    Column("bd_seq", BigInteger, nullable=True),  # the birth/death sequence of its current connection
+    Column("last_seen", Float, nullable=True),
+)
+
+releases = Table(
+    "releases",
+    metadata,
+    Column("name", String(NAME_LENGTH), primary_key=True),
+    Column("created", Float, nullable=False),
+)
+
+release_variants = Table(
+    "release_variants",
+    metadata,
+    Column("release", String(NAME_LENGTH), ForeignKey("releases.name"), primary_key=True),
+    Column("variant", String(64), primary_key=True),
+    Column("artifact_id", String(ARTIFACT_ID_LENGTH), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("url", Text, nullable=True),  # None: served by the controller's artifact server
+    Column("manifest", JSONValue, nullable=False),
+)
+
+rollouts = Table(
+    "rollouts",
+    metadata,
+    Column("id", String(NAME_LENGTH), primary_key=True),
+    Column("release", String(NAME_LENGTH), ForeignKey("releases.name"), nullable=False),
+    # The operator's request, readable without decoding the progress; ``state`` (which embeds the same
+    # spec) is what ``load_rollout`` reads.
+    Column("spec", JSONValue, nullable=False),
+    Column("state", JSONValue, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("created", Float, nullable=False),
+    Column("updated", Float, nullable=False),
+    Index("rollouts_status", "status"),
+)
+
+# Everything a node sends through its outbox: telemetry and events share one per-node ``seq``, so both
+# live here (``kind`` tells them apart) and the ack watermark covers both. The primary key is the
+# deduplication: a message redelivered (QoS 1, an outbox resent after a lost ack, a second controller
+# replica) is stored once.
+telemetry = Table(
+    "telemetry",
+    metadata,
+    Column("node", String(NAME_LENGTH), primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("kind", String(16), nullable=False),  # the topic it came on: "telemetry" or "events"
+    Column("received_at", Float, nullable=False),
+    Column("payload", JSONValue, nullable=False),
+)
+
+# Seq ranges a node dropped from its outbox on overflow (oldest telemetry first, events kept): they
+# will never arrive, and the ack watermark steps over them instead of waiting for ever.
+telemetry_gaps = Table(
+    "telemetry_gaps",
+    metadata,
+    Column("node", String(NAME_LENGTH), primary_key=True),
+    Column("first_seq", BigInteger, primary_key=True),
+    Column("last_seq", BigInteger, nullable=False),
+)
+
+# The highest seq below which every sample of the node is stored (or known lost): what the node may
+# delete from its outbox. Kept apart from the telemetry rows so that pruning old rows keeps it.
+acks = Table(
+    "acks",
+    metadata,
+    Column("node", String(NAME_LENGTH), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+)
+
+drops = Table(
+    "drops",
+    metadata,
+    Column("source", String(NAME_LENGTH), primary_key=True),  # "controller" or the node that dropped
+    Column("reason", String(64), primary_key=True),
+    Column("dropped", BigInteger, nullable=False),
+)
+
+# The dialects whose ``insert`` has ``on_conflict_do_nothing``/``_do_update``.
+_INSERTS: dict[str, Callable[[Table], Any]] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+
+
+class StoreError(ZimageEdgeError):
+    """The database cannot be used as the controller's store, or a write contradicts what it holds."""
+
+
+class SchemaVersionError(StoreError):
+    """The database was written with another schema version."""
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    id: str
+    labels: dict[str, str]
+    facts: DeviceFacts | None
+    artifact: str | None
+    reported_generation: int
+    desired_generation: int
+    desired_artifact: str | None
+    ready: bool
+    health: str | None
+    failed_generation: int
+    error: str | None
+    online: bool
+    bd_seq: int | None
+    last_seen: float | None
+
+    def observation(self, telemetry: Telemetry | None = None) -> NodeObservation:
+        """The node as the rollout state machine sees it, with its latest telemetry (read by the controller)."""
+        return NodeObservation(
+            node=self.id,
+            labels=dict(self.labels),
+            online=self.online,
+            reported_generation=self.reported_generation,
+            desired_generation=self.desired_generation,
+            artifact=self.artifact,
+            ready=self.ready,
+            failed_generation=self.failed_generation,
+            error=self.error,
+            telemetry=telemetry,
+            last_seen=self.last_seen,
+        )
+
+
+@dataclass(frozen=True)
+class ReleaseVariantRecord:
+    release: str
+    variant: str
+    artifact_id: str
+    bytes: int
+    url: str | None
+    manifest: Manifest
+
+    def release_variant(self) -> ReleaseVariant:
+        """What ``fleet.rollout.choose_variant`` needs: the recipe the artifact was made with, and its size."""
+        recipe = VariantRecipe.from_dict(self.manifest.variant.model_dump(mode="json"))
+        return ReleaseVariant(recipe, self.artifact_id, self.bytes)
+
+
+@dataclass(frozen=True)
+class ReleaseRecord:
+    name: str
+    created: float
+    variants: tuple[ReleaseVariantRecord, ...] = ()
+
+    def variant(self, name: str) -> ReleaseVariantRecord | None:
+        return next((variant for variant in self.variants if variant.variant == name), None)
+
+
+TELEMETRY = "telemetry"  # the kind of a telemetry sample; an event's is "events"
+
+
+@dataclass(frozen=True)
+class TelemetrySample:
+    """One message from a node's outbox."""
+
+    node: str
+    seq: int  # per node, from 1, never reused (the node's outbox keeps it across restarts)
+    payload: Mapping[str, Any]  # the validated message as JSON (the protocol's model, dumped)
+    kind: str = TELEMETRY
+
+
+@dataclass(frozen=True)
+class TelemetryRecord:
+    node: str
+    seq: int
+    kind: str
+    received_at: float
+    payload: dict[str, Any]
+
+
+def database_url(database: str | Path) -> str:
+    """A SQLAlchemy URL as given (``postgresql+psycopg://...``), or a SQLite URL for a file path."""
+    text = str(database)
+    return text if "://" in text else f"sqlite:///{Path(text)}"
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        # WAL: readers (the CLI, the status page) never block the ingest, nor it them.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        # Foreign keys are off by default in SQLite and always on in PostgreSQL: behave the same.
+        cursor.execute("PRAGMA foreign_keys=ON")
+        # synchronous stays FULL (the default): an ack tells a node it may delete its copy, so a
+        # committed sample must survive a power cut, which WAL's NORMAL does not promise.
+    finally:
+        cursor.close()
+
+
+def _facts_from_json(data: Mapping[str, Any] | None) -> DeviceFacts | None:
+    """The inverse of ``DeviceFacts.to_dict``."""
+    if data is None:
+        return None
+    capability = data["compute_capability"]
+    return DeviceFacts(
+        kind=DeviceKind(data["kind"]),
+        name=data["name"],
+        total_memory=data["total_memory"],
+        free_memory=data["free_memory"],
+        compute_capability=(capability[0], capability[1]) if capability else None,
+        unified_memory=data["unified_memory"],
+        system_memory=data["system_memory"],
+    )
+
+
+class Store:
+    """The controller's nodes, releases, rollouts and telemetry. Open it with ``Store.open``."""
+
+    def __init__(self, engine: Engine, clock: Callable[[], float] = time.time) -> None:
+        dialect = engine.dialect.name
+        if dialect not in _INSERTS:
+            raise StoreError(f"unsupported database {dialect!r}; the store runs on {', '.join(_INSERTS)}")
+        self.engine = engine
+        self._clock = clock
+        self._insert = _INSERTS[dialect]
+        self._prepare()
+
+    @classmethod
+    def open(cls, database: str | Path, clock: Callable[[], float] = time.time) -> Store:
+        """Open (and create, if new) the store at a file path or a database URL."""
+        engine = create_engine(database_url(database))
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _sqlite_pragmas)
+        return cls(engine, clock)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _prepare(self) -> None:
+        with self.engine.begin() as conn:
+            existing = set(inspect(conn).get_table_names())
+            if existing and "meta" not in existing:
+                raise StoreError(
+                    f"{self.engine.url.render_as_string()} holds tables ({', '.join(sorted(existing))}) "
+                    "but no zimage-edge schema version: not a fleet store; give another database"
+                )
+            if "meta" in existing:
+                found = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar_one_or_none()
+                if found is not None:
+                    self._check_version(int(found))
+            metadata.create_all(conn)
+            conn.execute(
+                self._insert(meta)
+                .values(key="schema_version", value=str(SCHEMA_VERSION))
+                .on_conflict_do_nothing(index_elements=[meta.c.key])
+            )
+
+    def _check_version(self, version: int) -> None:
+        where = self.engine.url.render_as_string()
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{where} has schema version {version}, newer than this zimage-edge's {SCHEMA_VERSION}: "
+                "it was written by a newer release; upgrade zimage-edge to use it"
+            )
+        if version < SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{where} has schema version {version}, older than this zimage-edge's {SCHEMA_VERSION}, "
+                "and this release has no migration from it"
+            )
+
+    @property
+    def schema_version(self) -> int:
+        with self.engine.begin() as conn:
+            return int(conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar_one())
+
+    # Nodes.
+
+    @staticmethod
+    def _node_defaults() -> dict[str, Any]:
+        """A node's columns before it has said anything about them."""
+        return {
+            "labels": {}, "facts": None, "artifact": None, "reported_generation": 0, "desired_generation": 0,
+            "desired_artifact": None, "ready": False, "health": None, "failed_generation": 0, "error": None,
+            "online": False, "bd_seq": None, "last_seen": None,
+        }  # fmt: skip
+
+    def _upsert_node(self, conn: Connection, node: str, values: Mapping[str, Any]) -> None:
+        """Insert the node with defaults for what ``values`` does not say, or update what it says."""
+        statement = self._insert(nodes).values(id=node, **{**self._node_defaults(), **values})
+        conn.execute(statement.on_conflict_do_update(index_elements=[nodes.c.id], set_=dict(values)))
+
+    def record_birth(self, node: str, bd_seq: int) -> None:
+        """The node connected: online, with this birth/death sequence."""
+        with self.engine.begin() as conn:
+            self._upsert_node(conn, node, {"online": True, "bd_seq": bd_seq, "last_seen": self._clock()})
+
+    def record_death(self, node: str, bd_seq: int) -> bool:
+        """The node's will (or clean stop): offline, unless ``bd_seq`` is not its current connection's.
+
+        Returns whether it applied: a late will of an earlier connection must not mark a reborn node
+        offline; with no birth seen (a retained death on a fresh subscription) the death applies. The
+        rule of ``fleet.protocol.state_decision``, checked inside the statements themselves so that it
+        holds with several controller replicas writing at once.
+        """
+        with self.engine.begin() as conn:
+            inserted = conn.execute(
+                self._insert(nodes)
+                .values(id=node, **{**self._node_defaults(), "bd_seq": bd_seq})
+                .on_conflict_do_nothing(index_elements=[nodes.c.id])
+                .returning(nodes.c.id)
+            ).first()
+            if inserted is not None:
+                return True
+            current = or_(nodes.c.bd_seq.is_(None), nodes.c.bd_seq == bd_seq)
+            result = conn.execute(update(nodes).where(nodes.c.id == node, current).values(online=False))
+            return result.rowcount == 1
+
+    def record_reported(
+        self,
+        node: str,
+        *,
+        generation: int,
+        artifact: str | None,
+        ready: bool,
+        health: str | None = None,
+        error: str | None = None,
+        facts: DeviceFacts | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """What the node says it runs (its retained ``reported``)."""
+        values: dict[str, Any] = {
+            "reported_generation": generation, "artifact": artifact, "ready": ready, "health": health,
+            "error": error,
+        }  # fmt: skip
+        if facts is not None:
+            values["facts"] = facts.to_dict()
+        if labels is not None:
+            values["labels"] = dict(labels)
+        with self.engine.begin() as conn:
+            self._upsert_node(conn, node, values)
+
+    def record_failure(self, node: str, generation: int, error: str) -> None:
+        """The node gave up on ``generation`` (its failed event says why) and serves what it had."""
+        statement = self._insert(nodes).values(
+            id=node, **{**self._node_defaults(), "failed_generation": generation, "error": error}
+        )
+        # An older failure arriving late (outbox order across a reconnect) must not hide a newer one.
+        newer = statement.excluded.failed_generation > nodes.c.failed_generation
+        set_ = {
+            "failed_generation": case((newer, statement.excluded.failed_generation), else_=nodes.c.failed_generation),
+            "error": case((newer, statement.excluded.error), else_=nodes.c.error),
+        }
+        with self.engine.begin() as conn:
+            conn.execute(statement.on_conflict_do_update(index_elements=[nodes.c.id], set_=set_))
+
+    def record_desired(self, node: str, generation: int, artifact: str | None) -> None:
+        """What the controller published to the node's ``desired``, so generations only grow."""
+        with self.engine.begin() as conn:
+            self._upsert_node(conn, node, {"desired_generation": generation, "desired_artifact": artifact})
+
+    def get_node(self, node: str) -> NodeRecord | None:
+        with self.engine.begin() as conn:
+            row = conn.execute(select(nodes).where(nodes.c.id == node)).one_or_none()
+        return _node_record(row) if row is not None else None
+
+    def list_nodes(self) -> list[NodeRecord]:
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(nodes).order_by(nodes.c.id)).all()
+        return [_node_record(row) for row in rows]
+
+    # Releases.
+
+    def add_release(
+        self, name: str, manifests: Sequence[Manifest], urls: Mapping[str, str] | None = None
+    ) -> ReleaseRecord:
+        """Register a release: variants of one model version, one artifact each. Releases never change.
+
+        ``urls`` gives an external URL per variant name; a variant without one is served by the
+        controller's artifact server.
+        """
+        urls = dict(urls or {})
+        by_variant = {manifest.variant_name: manifest for manifest in manifests}
+        if not manifests:
+            raise StoreError(f"release {name!r} has no artifacts")
+        if len(by_variant) != len(manifests):
+            raise StoreError(f"release {name!r} has two artifacts of the same variant")
+        sources = {(manifest.model_id, manifest.source.sha256) for manifest in manifests}
+        if len(sources) > 1:
+            raise StoreError(f"release {name!r} mixes artifacts of different models: {sorted(sources)}")
+        if unknown := set(urls) - set(by_variant):
+            raise StoreError(f"release {name!r}: URLs given for variants it does not have: {sorted(unknown)}")
+        created = self._clock()
+        records = tuple(
+            ReleaseVariantRecord(
+                name, variant, artifact_id(manifest), manifest.weight_bytes, urls.get(variant), manifest
+            )
+            for variant, manifest in sorted(by_variant.items())
+        )
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(releases.insert().values(name=name, created=created))
+                conn.execute(
+                    release_variants.insert(),
+                    [
+                        {
+                            "release": name, "variant": record.variant, "artifact_id": record.artifact_id,
+                            "bytes": record.bytes, "url": record.url,
+                            "manifest": record.manifest.model_dump(mode="json"),
+                        }
+                        for record in records
+                    ],
+                )  # fmt: skip
+        except IntegrityError as exc:
+            raise StoreError(f"release {name!r} already exists; releases never change, publish a new one") from exc
+        return ReleaseRecord(name, created, records)
+
+    def get_release(self, name: str) -> ReleaseRecord | None:
+        found = self._releases(releases.c.name == name)
+        return found[0] if found else None
+
+    def list_releases(self) -> list[ReleaseRecord]:
+        return self._releases(None)
+
+    def _releases(self, where: ColumnElement[bool] | None) -> list[ReleaseRecord]:
+        query = select(releases).order_by(releases.c.created, releases.c.name)
+        variants_query = select(release_variants).order_by(release_variants.c.release, release_variants.c.variant)
+        if where is not None:
+            query = query.where(where)
+            variants_query = variants_query.where(release_variants.c.release.in_(select(releases.c.name).where(where)))
+        with self.engine.begin() as conn:
+            release_rows = conn.execute(query).all()
+            variant_rows = conn.execute(variants_query).all()
+        variants: dict[str, list[ReleaseVariantRecord]] = {}
+        for row in variant_rows:
+            variants.setdefault(row.release, []).append(
+                ReleaseVariantRecord(
+                    row.release, row.variant, row.artifact_id, row.bytes, row.url, Manifest.model_validate(row.manifest)
+                )
+            )
+        return [ReleaseRecord(row.name, row.created, tuple(variants.get(row.name, ()))) for row in release_rows]
+
+    # Rollouts.
+
+    def save_rollout(self, state: RolloutState) -> None:
+        """Insert or update the rollout (the controller saves after every step that changed it)."""
+        now = self._clock()
+        values = {
+            "release": state.spec.release, "spec": state.spec.to_dict(), "state": state.to_dict(),
+            "status": str(state.status), "updated": now,
+        }  # fmt: skip
+        statement = self._insert(rollouts).values(id=state.id, created=now, **values)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(statement.on_conflict_do_update(index_elements=[rollouts.c.id], set_=values))
+        except IntegrityError as exc:
+            raise StoreError(f"rollout {state.id}: release {state.spec.release!r} is not registered") from exc
+
+    def load_rollout(self, rollout_id: str) -> RolloutState | None:
+        with self.engine.begin() as conn:
+            data = conn.execute(select(rollouts.c.state).where(rollouts.c.id == rollout_id)).scalar_one_or_none()
+        return RolloutState.from_dict(data) if data is not None else None
+
+    def list_rollouts(self, statuses: Collection[RolloutStatus] | None = None) -> list[RolloutState]:
+        """Rollouts, oldest first; ``statuses`` narrows them (e.g. the active ones a restart resumes)."""
+        query = select(rollouts.c.state).order_by(rollouts.c.created, rollouts.c.id)
+        if statuses is not None:
+            query = query.where(rollouts.c.status.in_([str(status) for status in statuses]))
+        with self.engine.begin() as conn:
+            return [RolloutState.from_dict(data) for data in conn.execute(query).scalars()]
+
+    # Telemetry.
+
+    def record_telemetry(self, samples: Sequence[TelemetrySample]) -> int:
+        """Store a batch in one transaction; returns how many samples were new (a duplicate is never stored)."""
+        received_at = self._clock()
+        unique = {(sample.node, sample.seq): sample for sample in reversed(samples)}  # the first copy wins
+        if not unique:
+            return 0
+        rows = [
+            {
+                "node": sample.node,
+                "seq": sample.seq,
+                "kind": sample.kind,
+                "received_at": received_at,
+                "payload": dict(sample.payload),
+            }
+            for sample in unique.values()
+        ]
+        statement = (
+            self._insert(telemetry)
+            .on_conflict_do_nothing(index_elements=[telemetry.c.node, telemetry.c.seq])
+            .returning(telemetry.c.seq)
+        )
+        with self.engine.begin() as conn:
+            # RETURNING lists only the rows inserted, on SQLite (>= 3.35) and PostgreSQL alike; rowcount
+            # of an executemany is not reliable across drivers.
+            return len(conn.execute(statement, rows).all())
+
+    def record_gap(self, node: str, first_seq: int, last_seq: int) -> None:
+        """The node dropped ``first_seq..last_seq`` (inclusive) on outbox overflow: they will never come."""
+        if first_seq > last_seq:
+            raise ValueError(f"gap {first_seq}..{last_seq} of {node} is empty")
+        statement = self._insert(telemetry_gaps).values(node=node, first_seq=first_seq, last_seq=last_seq)
+        wider = case(
+            (telemetry_gaps.c.last_seq < statement.excluded.last_seq, statement.excluded.last_seq),
+            else_=telemetry_gaps.c.last_seq,
+        )
+        with self.engine.begin() as conn:
+            conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[telemetry_gaps.c.node, telemetry_gaps.c.first_seq], set_={"last_seq": wider}
+                )
+            )
+
+    def advance_ack(self, node: str) -> int:
+        """Move the node's ack watermark over every contiguous seq now stored or known lost; returns it."""
+        with self.engine.begin() as conn:
+            current = conn.execute(select(acks.c.seq).where(acks.c.node == node)).scalar_one_or_none() or 0
+            while True:
+                gap_end = conn.execute(
+                    select(func.max(telemetry_gaps.c.last_seq)).where(
+                        telemetry_gaps.c.node == node,
+                        telemetry_gaps.c.first_seq <= current + 1,
+                        telemetry_gaps.c.last_seq > current,
+                    )
+                ).scalar_one_or_none()
+                if gap_end is not None:
+                    current = gap_end
+                    continue
+                seqs = (
+                    conn.execute(
+                        select(telemetry.c.seq)
+                        .where(telemetry.c.node == node, telemetry.c.seq > current)
+                        .order_by(telemetry.c.seq)
+                        .limit(ACK_SCAN_CHUNK)
+                    )
+                    .scalars()
+                    .all()
+                )
+                contiguous = 0
+                while contiguous < len(seqs) and seqs[contiguous] == current + 1:
+                    current += 1
+                    contiguous += 1
+                if contiguous == 0:  # a gap nobody declared, or the end of what is stored
+                    break
+            statement = self._insert(acks).values(node=node, seq=current)
+            # Never backwards, even if another replica moved it further meanwhile.
+            higher = case((acks.c.seq < statement.excluded.seq, statement.excluded.seq), else_=acks.c.seq)
+            conn.execute(statement.on_conflict_do_update(index_elements=[acks.c.node], set_={"seq": higher}))
+            return int(conn.execute(select(acks.c.seq).where(acks.c.node == node)).scalar_one())
+
+    def ack_watermark(self, node: str) -> int:
+        """The node's ack watermark as stored (0: nothing acknowledged)."""
+        with self.engine.begin() as conn:
+            return conn.execute(select(acks.c.seq).where(acks.c.node == node)).scalar_one_or_none() or 0
+
+    def latest_telemetry(self, node: str) -> TelemetryRecord | None:
+        """The node's telemetry sample of the highest seq (events aside): what the rollout gates judge."""
+        query = (
+            select(telemetry)
+            .where(telemetry.c.node == node, telemetry.c.kind == TELEMETRY)
+            .order_by(telemetry.c.seq.desc())
+            .limit(1)
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(query).one_or_none()
+        if row is None:
+            return None
+        return TelemetryRecord(row.node, row.seq, row.kind, row.received_at, row.payload)
+
+    def telemetry_count(self, node: str | None = None, kind: str | None = None) -> int:
+        """Messages stored, for a node and of a kind when given."""
+        query = select(func.count()).select_from(telemetry)
+        if node is not None:
+            query = query.where(telemetry.c.node == node)
+        if kind is not None:
+            query = query.where(telemetry.c.kind == kind)
+        with self.engine.begin() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    # Drop counters.
+
+    def count_drop(self, source: str, reason: str, count: int = 1) -> None:
+        """Add to the count of messages ``source`` dropped for ``reason``."""
+        statement = self._insert(drops).values(source=source, reason=reason, dropped=count)
+        total = drops.c.dropped + statement.excluded.dropped
+        with self.engine.begin() as conn:
+            conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[drops.c.source, drops.c.reason], set_={"dropped": total}
+                )
+            )
+
+    def drop_counts(self) -> dict[tuple[str, str], int]:
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(drops)).all()
+        return {(row.source, row.reason): row.dropped for row in rows}
+
+
+def _node_record(row: Row[Any]) -> NodeRecord:
+    return NodeRecord(
+        id=row.id,
+        labels=dict(row.labels),
+        facts=_facts_from_json(row.facts),
+        artifact=row.artifact,
+        reported_generation=row.reported_generation,
+        desired_generation=row.desired_generation,
+        desired_artifact=row.desired_artifact,
+        ready=row.ready,
+        health=row.health,
+        failed_generation=row.failed_generation,
+        error=row.error,
+        online=row.online,
+        bd_seq=row.bd_seq,
+        last_seen=row.last_seen,
+    )

@@ -1,0 +1,267 @@
+"""The controller's store on a SQLite file: dedup, ack watermarks, restarts, the schema guard."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text, update
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.schema import CreateTable
+
+from fleet import store as store_module
+from fleet.rollout import Gates, NodePhase, RolloutSpec, RolloutStatus, SetDesired, Target, start, step
+from fleet.store import SchemaVersionError, Store, StoreError, TelemetrySample, metadata
+from quantize.manifest import (
+    ComponentInfo,
+    FileEntry,
+    Manifest,
+    PlannerRecord,
+    QualityReport,
+    SourceInfo,
+    ToolInfo,
+    VariantRecord,
+    WorkloadRecord,
+    artifact_id,
+)
+from quantize.profiles import PROFILES
+from quantize.variants import VARIANTS
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "fleet.db"
+
+
+@pytest.fixture
+def store(db: Path, clock: Clock):
+    with Store.open(db, clock=clock) as opened:
+        yield opened
+
+
+def manifest(variant: str, model_id: str = "Tongyi-MAI/Z-Image-Turbo") -> Manifest:
+    """A manifest as ``quantize`` writes one (sizes made up; nothing here reads the weights)."""
+    digest = hashlib.sha256(variant.encode()).hexdigest()
+    return Manifest(
+        model_id=model_id,
+        source=SourceInfo(id=model_id, sha256=hashlib.sha256(model_id.encode()).hexdigest()),
+        variant=VariantRecord.model_validate(VARIANTS[variant].to_dict()),
+        components={"transformer": ComponentInfo(params=10, quantized_params=8, qtype=None, bytes=20, bf16_bytes=20)},
+        files={"transformer/model-00001.safetensors": FileEntry(sha256=digest, size=1_234_567)},
+        planner=PlannerRecord(
+            workload=WorkloadRecord(width=1024, height=1024, batch=1), dtype="bfloat16",
+            weights_bytes={}, activation_bytes={}, peak_device_bytes={},
+        ),
+        quality=QualityReport(status="passed", reason="within thresholds", psnr_db_mean=41.25),
+        tool=ToolInfo(version="0.1.0", libraries={}),
+        created_at="2025-01-01T00:00:00Z",
+    )  # fmt: skip
+
+
+def samples(node: str, *seqs: int) -> list[TelemetrySample]:
+    return [TelemetrySample(node, seq, {"seq": seq, "error_rate": 0.0, "p95_ms": 800.5}) for seq in seqs]
+
+
+def test_sqlite_runs_in_wal_with_a_busy_timeout(store: Store) -> None:
+    with store.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
+        assert conn.execute(text("PRAGMA busy_timeout")).scalar_one() == store_module.SQLITE_BUSY_TIMEOUT_MS
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar_one() == 1
+
+
+def test_telemetry_is_stored_once_per_node_and_seq(store: Store, clock: Clock) -> None:
+    assert store.record_telemetry(samples("n1", 1, 2, 3)) == 3
+    clock.now += 5
+    assert store.record_telemetry(samples("n1", 2, 3, 4)) == 1  # an outbox resent after a lost ack
+    assert store.record_telemetry(samples("n1", 5, 5)) == 1  # the same sample twice in one batch
+    assert store.record_telemetry(samples("n2", 1)) == 1  # seqs are per node
+    assert store.record_telemetry([]) == 0
+    assert store.telemetry_count("n1") == 5
+    assert store.telemetry_count() == 6
+    latest = store.latest_telemetry("n1")
+    assert latest is not None
+    assert (latest.seq, latest.received_at) == (5, 1005.0)
+    assert latest.payload == {"seq": 5, "error_rate": 0.0, "p95_ms": 800.5}
+    first = store.latest_telemetry("n2")
+    assert first is not None
+    assert first.received_at == 1005.0
+    assert store.latest_telemetry("n3") is None
+
+
+def test_the_ack_watermark_is_the_highest_contiguous_seq(store: Store) -> None:
+    assert store.advance_ack("n1") == 0
+    store.record_telemetry(samples("n1", 1, 2, 3, 5, 6))
+    assert store.advance_ack("n1") == 3  # 4 is missing: the node must keep 4, 5 and 6
+    # Events share the node's seq: one fills the hole, and is not mistaken for a telemetry sample.
+    store.record_telemetry([TelemetrySample("n1", 4, {"kind": "install", "phase": "started"}, kind="events")])
+    assert store.advance_ack("n1") == 6
+    assert store.ack_watermark("n1") == 6
+    assert store.telemetry_count("n1", kind="events") == 1
+    # The node dropped 7..9 and 11 on outbox overflow but kept event 10: the holes will never fill.
+    store.record_telemetry([TelemetrySample("n1", 10, {}, kind="events")])
+    latest = store.latest_telemetry("n1")
+    assert latest is not None
+    assert (latest.seq, latest.kind) == (6, "telemetry")  # the gates judge samples, not events
+    store.record_telemetry(samples("n1", 12, 13))
+    assert store.advance_ack("n1") == 6
+    store.record_gap("n1", 11, 11)
+    assert store.advance_ack("n1") == 6  # 7..9 still missing: a later gap changes nothing yet
+    store.record_gap("n1", 7, 9)
+    assert store.advance_ack("n1") == 13  # over 7..9, 10, over 11, 12, 13
+    # A gap declared again, or one already passed, never moves the watermark backwards.
+    store.record_gap("n1", 7, 8)
+    assert store.advance_ack("n1") == 13
+    assert store.ack_watermark("n2") == 0
+
+
+def test_the_ack_walk_crosses_a_backlog_longer_than_one_read(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "ACK_SCAN_CHUNK", 3)
+    store.record_telemetry(samples("n1", *range(1, 11), 12))
+    assert store.advance_ack("n1") == 10
+
+
+def test_a_late_will_does_not_mark_a_reborn_node_offline(store: Store, clock: Clock) -> None:
+    store.record_birth("n1", bd_seq=1)
+    clock.now = 1010.0
+    store.record_birth("n1", bd_seq=2)
+    assert store.record_death("n1", bd_seq=1) is False
+    node = store.get_node("n1")
+    assert node is not None
+    assert (node.online, node.bd_seq, node.last_seen) == (True, 2, 1010.0)
+    assert store.record_death("n1", bd_seq=2) is True
+    node = store.get_node("n1")
+    assert node is not None
+    assert node.online is False
+    # A retained death on a fresh subscription, before any birth: it is all there is, and applies.
+    assert store.record_death("n2", bd_seq=7) is True
+    n2 = store.get_node("n2")
+    assert n2 is not None
+    assert (n2.online, n2.bd_seq) == (False, 7)
+
+
+def test_reported_state_keeps_facts_and_labels(store: Store) -> None:
+    facts = PROFILES["t4-16gb"].facts()
+    store.record_birth("n1", bd_seq=1)
+    store.record_reported("n1", generation=3, artifact="a" * 64, ready=True, health="ready", facts=facts,
+                          labels={"site": "berlin", "class": "t4"})  # fmt: skip
+    store.record_desired("n1", generation=4, artifact="b" * 64)
+    store.record_failure("n1", generation=4, error="disk full: needs 9 GiB")
+    store.record_failure("n1", generation=2, error="an older failure, delivered late")
+    node = store.get_node("n1")
+    assert node is not None
+    assert node.facts == facts
+    assert node.labels == {"site": "berlin", "class": "t4"}
+    assert (node.reported_generation, node.desired_generation, node.desired_artifact) == (3, 4, "b" * 64)
+    assert node.online is True
+    observation = node.observation()
+    assert (observation.failed_generation, observation.error) == (4, "disk full: needs 9 GiB")
+    assert (observation.artifact, observation.ready, observation.labels) == ("a" * 64, True, node.labels)
+    assert [n.id for n in store.list_nodes()] == ["n1"]
+
+
+def test_releases_are_immutable_and_carry_their_manifests(store: Store) -> None:
+    manifests = [manifest("int8"), manifest("bf16")]
+    store.add_release("r1", manifests, urls={"bf16": "https://cdn.example/bf16"})
+    release = store.get_release("r1")
+    assert release is not None
+    assert [v.variant for v in release.variants] == ["bf16", "int8"]
+    bf16 = release.variant("bf16")
+    assert bf16 is not None
+    assert bf16.artifact_id == artifact_id(manifests[1])  # the identity survives the JSON column
+    assert bf16.url == "https://cdn.example/bf16"
+    assert bf16.bytes == manifests[1].weight_bytes
+    assert bf16.release_variant().recipe == VARIANTS["bf16"]
+    with pytest.raises(StoreError, match="already exists"):
+        store.add_release("r1", [manifest("int4")])
+    with pytest.raises(StoreError, match="different models"):
+        store.add_release("r2", [manifest("int8"), manifest("int4", model_id="other/model")])
+    assert [r.name for r in store.list_releases()] == ["r1"]
+    assert store.get_release("r2") is None
+
+
+def test_rollout_state_survives_a_controller_restart(db: Path, clock: Clock) -> None:
+    target = Target("int8", artifact_id(manifest("int8")))
+    spec = RolloutSpec("r1", selector={"site": "a"}, waves=(1, "100%"), bake_s=60.0, gates=Gates(max_error_rate=0.05))
+    with Store.open(db, clock=clock) as first:
+        first.add_release("r1", [manifest("int8")])
+        for node in ("n1", "n2"):
+            first.record_birth(node, bd_seq=1)
+            first.record_reported(node, generation=2, artifact="0" * 64, ready=True, labels={"site": "a"})
+        observations = {node.id: node.observation() for node in first.list_nodes()}
+        state = start("ro-1", spec, observations, {"n1": target, "n2": target}, clock.now)
+        decision = step(state, observations, clock.now)
+        for action in decision.actions:
+            assert isinstance(action, SetDesired)
+            first.record_desired(action.node, action.generation, action.artifact)
+        first.save_rollout(decision.state)
+        before = decision.state
+
+    clock.now += 30
+    with Store.open(db, clock=clock) as second:
+        assert second.load_rollout("ro-1") == before
+        active = second.list_rollouts({RolloutStatus.RUNNING, RolloutStatus.PAUSED})
+        assert active == [before]
+        n1 = second.get_node("n1")
+        assert n1 is not None
+        assert n1.desired_generation == 3  # the next desired state goes above what was sent before the restart
+        second.record_reported("n1", generation=3, artifact=target.artifact, ready=True)
+        observations = {node.id: node.observation() for node in second.list_nodes()}
+        resumed = step(before, observations, clock.now)
+        assert resumed.state.node("n1").phase is NodePhase.READY
+        second.save_rollout(resumed.state)
+        assert second.load_rollout("ro-1") == resumed.state
+        assert second.list_rollouts({RolloutStatus.SUCCEEDED}) == []
+        with pytest.raises(StoreError, match="not registered"):
+            second.save_rollout(start("ro-2", RolloutSpec("nope"), {}, {}, clock.now))
+
+
+def test_a_newer_schema_is_refused(db: Path, clock: Clock) -> None:
+    Store.open(db, clock=clock).close()
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        conn.execute(update(store_module.meta).values(value=str(store_module.SCHEMA_VERSION + 1)))
+    engine.dispose()
+    with pytest.raises(SchemaVersionError, match="newer than this zimage-edge's"):
+        Store.open(db, clock=clock)
+
+
+def test_a_database_that_is_not_a_fleet_store_is_refused(db: Path, clock: Clock) -> None:
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE invoices (id INTEGER PRIMARY KEY)"))
+    engine.dispose()
+    with pytest.raises(StoreError, match="not a fleet store"):
+        Store.open(db, clock=clock)
+
+
+def test_a_new_store_records_its_schema_version(store: Store) -> None:
+    assert store.schema_version == store_module.SCHEMA_VERSION
+
+
+def test_drop_counters_add_up(store: Store) -> None:
+    store.count_drop("controller", "malformed")
+    store.count_drop("controller", "malformed", 2)
+    store.count_drop("n1", "outbox_overflow", 40)
+    assert store.drop_counts() == {("controller", "malformed"): 3, ("n1", "outbox_overflow"): 40}
+
+
+def test_the_schema_compiles_for_postgresql() -> None:
+    """The same tables on PostgreSQL (issue 11 runs the suite on a real server): JSON becomes JSONB."""
+    dialect = postgresql.dialect()
+    ddl = "\n".join(str(CreateTable(table).compile(dialect=dialect)) for table in metadata.sorted_tables)
+    assert "JSONB" in ddl
+    assert "PRIMARY KEY (node, seq)" in ddl
