@@ -49,7 +49,7 @@ from sqlalchemy.exc import IntegrityError
 from fleet.rollout import NodeObservation, ReleaseVariant, RolloutState, RolloutStatus, Telemetry
 from quantize.manifest import Manifest, artifact_id
 from quantize.variants import VariantRecipe
-from zimage_edge.device import DeviceFacts, DeviceKind
+from zimage_edge.device import DeviceFacts
 from zimage_edge.errors import ZimageEdgeError
 
 SCHEMA_VERSION = 1
@@ -284,19 +284,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _facts_from_json(data: Mapping[str, Any] | None) -> DeviceFacts | None:
-    """The inverse of ``DeviceFacts.to_dict``."""
-    if data is None:
-        return None
-    capability = data["compute_capability"]
-    return DeviceFacts(
-        kind=DeviceKind(data["kind"]),
-        name=data["name"],
-        total_memory=data["total_memory"],
-        free_memory=data["free_memory"],
-        compute_capability=(capability[0], capability[1]) if capability else None,
-        unified_memory=data["unified_memory"],
-        system_memory=data["system_memory"],
-    )
+    return DeviceFacts.from_dict(data) if data is not None else None
 
 
 class Store:

@@ -15,6 +15,7 @@ Policy (one table, ``DTYPE_RULES``):
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -58,6 +59,20 @@ class DeviceFacts:
         data["kind"] = str(self.kind)
         data["compute_capability"] = list(self.compute_capability) if self.compute_capability else None
         return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DeviceFacts:
+        """The inverse of ``to_dict`` (what nodes report and the fleet stores)."""
+        capability = data["compute_capability"]
+        return cls(
+            kind=DeviceKind(data["kind"]),
+            name=data["name"],
+            total_memory=int(data["total_memory"]),
+            free_memory=int(data["free_memory"]),
+            compute_capability=(int(capability[0]), int(capability[1])) if capability else None,
+            unified_memory=bool(data["unified_memory"]),
+            system_memory=int(data["system_memory"]),
+        )
 
 
 @dataclass(frozen=True)
