@@ -2,7 +2,8 @@
 # Install the system packages a job needs on a fresh Debian/Ubuntu machine, or stop at once naming them.
 #
 #   scripts/bootstrap.sh run    what `make run` needs (a C++ compiler for optimum-quanto's kernels)
-#   scripts/bootstrap.sh test   what `make test` needs as well (Chromium for the web-page tests)
+#   scripts/bootstrap.sh test   what `make test` needs as well (Chromium for the web-page tests, Mosquitto
+#                               and its clients for the fleet tests, which run a real broker)
 #
 # Called by the Makefile and by CI alike. As root it installs what is missing with apt-get; as anyone
 # else it prints one line with the command to run and exits 1. Nothing is downloaded outside the
@@ -13,16 +14,18 @@ job=${1:-run}
 # command -> Debian package that provides it
 declare -A provides=(
   [python3]=python3 [g++]=g++ [make]=make [chromium]=chromium
+  [mosquitto]=mosquitto [mosquitto_pub]=mosquitto-clients
 )
 case "$job" in
   run) wanted=(python3 g++ make) ;;
-  test) wanted=(python3 g++ make chromium) ;;
+  test) wanted=(python3 g++ make chromium mosquitto mosquitto_pub) ;;
   *) echo "usage: $0 run|test" >&2; exit 2 ;;
 esac
 
 missing=()
 for cmd in "${wanted[@]}"; do
-  command -v "$cmd" >/dev/null 2>&1 || missing+=("${provides[$cmd]}")
+  # sbin too: Debian puts mosquitto in /usr/sbin, which is not on a normal user's PATH.
+  PATH="$PATH:/usr/sbin:/usr/local/sbin" command -v "$cmd" >/dev/null 2>&1 || missing+=("${provides[$cmd]}")
 done
 # venv is a separate package on Debian's python3.
 if command -v python3 >/dev/null 2>&1 && ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
