@@ -103,18 +103,19 @@ class ModelStore:
     async def fetch(
         self,
         session: aiohttp.ClientSession,
-        base_url: str,
+        url: str,
         artifact_id: str,
         *,
         trusted: list[Ed25519PublicKey] | None = None,
         bytes_per_s: float | None = None,
         on_progress: Progress | None = None,
     ) -> Path:
-        """Download, verify and install ``artifact_id`` from ``base_url/artifacts/<id>/``; returns its
-        directory. Already installed: nothing is fetched."""
+        """Download, verify and install ``artifact_id`` from the directory ``url`` (the controller serves
+        ``.../artifacts/<artifact_id>``; ``artifact_url`` makes it); returns its directory. Already
+        installed: nothing is fetched."""
         if self.has(artifact_id):
             return self.path(artifact_id)
-        url = f"{base_url.rstrip('/')}/artifacts/{artifact_id}"
+        url = url.rstrip("/")
         raw = await _get_small(session, f"{url}/{MANIFEST_NAME}")
         if hashlib.sha256(raw).hexdigest() != artifact_id:
             raise DownloadError("identity", f"the manifest served for {artifact_id} is another artifact's")
@@ -159,6 +160,11 @@ class ModelStore:
             raise DownloadError(
                 "disk", f"not enough disk for {manifest.artifact_id[:10]}: needs {need} bytes, {free} free"
             )
+
+
+def artifact_url(base_url: str, artifact_id: str) -> str:
+    """Where a controller at ``base_url`` serves an artifact's directory."""
+    return f"{base_url.rstrip('/')}/artifacts/{artifact_id}"
 
 
 def _present(path: Path) -> int:

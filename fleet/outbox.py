@@ -104,10 +104,12 @@ class Outbox:
             self.dropped += 1
             rows, size = rows - 1, size - oldest[1]
 
-    def pending(self, limit: int = 500) -> list[Pending]:
-        """The oldest unacknowledged rows."""
+    def pending(self, limit: int = 500, after: int = 0) -> list[Pending]:
+        """The oldest unacknowledged rows (with a seq above ``after``: those not yet sent)."""
         with self._lock:
-            cursor = self._db.execute("SELECT seq, kind, payload FROM outbox ORDER BY seq LIMIT ?", (limit,))
+            cursor = self._db.execute(
+                "SELECT seq, kind, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+            )
             return [Pending(int(s), str(k), bytes(p)) for s, k, p in cursor]
 
     def acknowledge(self, upto: int) -> int:

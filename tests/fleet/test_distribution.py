@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from fleet.artifact_server import ArtifactCatalog, add_artifact_routes
-from fleet.model_store import DownloadError, ModelStore
+from fleet.model_store import DownloadError, ModelStore, artifact_url
 from quantize.manifest import read_manifest
 
 WAIT_S = 60
@@ -34,7 +34,7 @@ async def served(aiohttp_server, source: Path, signing_keys):
     app = web.Application()
     add_artifact_routes(app, catalog)
     server = await aiohttp_server(app)
-    return catalog, manifest, str(server.make_url(""))
+    return catalog, manifest, artifact_url(str(server.make_url("")), manifest.artifact_id)
 
 
 def _biggest(source: Path) -> str:
@@ -128,7 +128,8 @@ async def test_ranges_etags_and_unlisted_files(served, source: Path) -> None:
     _catalog, manifest, base = served
     rel = _biggest(source)
     entry = manifest.files[rel]
-    url = f"{base}/artifacts/{manifest.artifact_id}"
+    url = base
+    root = base.rsplit("/artifacts/", 1)[0]
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{url}/{rel}", headers={"Range": "bytes=10-19"}) as response:
             assert response.status == 206
@@ -147,7 +148,7 @@ async def test_ranges_etags_and_unlisted_files(served, source: Path) -> None:
         for path in ("stray.bin", "../served/manifest.json", "transformer/../../x"):
             async with session.get(f"{url}/{path}") as response:
                 assert response.status == 404, path
-        async with session.get(f"{base}/artifacts/{'0' * 64}/manifest.json") as response:
+        async with session.get(f"{root}/artifacts/{'0' * 64}/manifest.json") as response:
             assert response.status == 404
 
 
