@@ -108,6 +108,27 @@ class Controller:
         self._wake.set()
         return state
 
+    async def control(self, rollout_id: str, verb: str) -> ro.RolloutState:
+        """``pause``, ``resume`` or ``abort`` a rollout (abort tells touched nodes to roll back)."""
+        state = self.store.load_rollout(rollout_id)
+        if state is None:
+            raise KeyError(rollout_id)
+        now = self.clock()
+        if verb == "pause":
+            state = ro.pause(state, now)
+        elif verb == "resume":
+            state = ro.resume(state, now)
+        elif verb == "abort":
+            decision = ro.abort(state, now)
+            for action in decision.actions:
+                await self._carry_out(decision.state, action)
+            state = decision.state
+        else:
+            raise ValueError(f"unknown rollout action {verb!r}")
+        self.store.save_rollout(state)
+        self._wake.set()
+        return state
+
     def _observations(self) -> dict[str, ro.NodeObservation]:
         observed = {}
         for node in self.store.list_nodes():

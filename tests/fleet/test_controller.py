@@ -7,13 +7,15 @@ import asyncio
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
-from aiohttp import web
 
 from edge_agent.app import create_app
 from edge_agent.keys import RUNNER, STATE
 from edge_agent.settings import AgentSettings, ApiKey
-from fleet.artifact_server import ArtifactCatalog, add_artifact_routes
+from fleet.api import create_controller_app
+from fleet.artifact_server import ArtifactCatalog
+from fleet.broker import free_port
 from fleet.controller import Controller, ControllerConfig
 from fleet.node import Node, NodeConfig
 from fleet.rollout import Gates, RolloutSpec, RolloutStatus
@@ -21,6 +23,7 @@ from fleet.store import Store
 from quantize.profiles import PROFILES
 from tests.fleet.conftest import client_settings, unique_id, within
 
+TOKEN = "operator-token"
 KEYS = [{"name": "node", "sha256": ApiKey.hash("node-secret"), "admin": True}]
 WAIT_S = 120
 # Three sites' devices: the planner gives each the best variant of the release that fits it.
@@ -37,16 +40,15 @@ async def _until(predicate, what: str) -> None:
 
 @pytest.fixture
 async def fleet(broker, aiohttp_server, tiny_model_dir: Path, tmp_path: Path):
-    catalog = ArtifactCatalog()
-    artifacts_app = web.Application()
-    add_artifact_routes(artifacts_app, catalog)
-    artifacts_server = await aiohttp_server(artifacts_app)
     store = Store.open(tmp_path / "fleet.db")
+    port = free_port()
     controller = Controller(
         ControllerConfig(controller_id=unique_id("ctl"), mqtt=client_settings(broker),
-                         artifact_base_url=str(artifacts_server.make_url("")), tick_s=0.1),
-        store, catalog,
+                         artifact_base_url=f"http://127.0.0.1:{port}", tick_s=0.1),
+        store, ArtifactCatalog(),
     )  # fmt: skip
+    # The controller's own HTTP server: the operators' API and the artifacts the nodes download.
+    api = await aiohttp_server(create_controller_app(controller, TOKEN), port=port)
     stop = asyncio.Event()
     tasks = [asyncio.create_task(controller.run(stop), name="test-controller")]
     agents = {}
@@ -63,6 +65,7 @@ async def fleet(broker, aiohttp_server, tiny_model_dir: Path, tmp_path: Path):
             facts=PROFILES[profile].facts(),
         )  # fmt: skip
         tasks.append(asyncio.create_task(node.run(stop), name=f"test-node-{name}"))
+    controller.api = api  # type: ignore[attr-defined]
     yield controller, store, agents, prefix
     stop.set()
     for task in tasks:
@@ -104,3 +107,59 @@ async def test_a_release_rolls_out_in_waves_each_node_on_its_best_variant(fleet,
     for node_id in agents:
         assert store.telemetry_count(node_id) > 0
         assert store.ack_watermark(node_id) > 0
+
+
+async def test_the_operators_api(fleet, tiny_model_dir, artifacts) -> None:
+    controller, store, _agents, prefix = fleet
+    base = str(controller.api.make_url("")).rstrip("/")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    await _until(lambda: sum(1 for n in store.list_nodes() if n.facts and n.online) == 3, "three nodes to report")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/api/v1/nodes") as response:
+            assert response.status == 401
+        async with session.get(f"{base}/healthz") as response:
+            assert (await response.json())["mqtt_connected"] is True
+        directories = [str(artifacts.get(tiny_model_dir, v)) for v in ("bf16", "int8-te8", "int4-te8")]
+        async with session.post(f"{base}/api/v1/releases", json={"name": "r2", "artifacts": directories},
+                                headers=auth) as response:  # fmt: skip
+            assert response.status == 201, await response.text()
+            assert set((await response.json())["variants"]) == {"bf16", "int8-te8", "int4-te8"}
+        async with session.post(f"{base}/api/v1/releases", json={"name": "r2", "artifacts": directories},
+                                headers=auth) as response:  # fmt: skip
+            assert response.status == 422  # releases never change
+        async with session.get(f"{base}/api/v1/nodes?explain=r2", headers=auth) as response:
+            nodes = {n["id"]: n for n in (await response.json())["nodes"]}
+        assert nodes[f"{prefix}-orin"]["variant"] == "int4-te8"
+        assert nodes[f"{prefix}-a10"]["variant"] == "bf16"
+        assert nodes[f"{prefix}-a10"]["explanation"].startswith("bf16 with placement resident")
+        async with session.post(f"{base}/api/v1/rollouts", json={"release": "r2", "waves": "all"},
+                                headers=auth) as response:  # fmt: skip
+            assert response.status == 422
+        body = {"release": "r2", "waves": ["100%"], "bake_s": 0.2, "node_timeout_s": WAIT_S,
+                "pinned": {f"{prefix}-a10": "int8-te8"}}  # fmt: skip
+        async with session.post(f"{base}/api/v1/rollouts", json=body, headers=auth) as response:
+            assert response.status == 201, await response.text()
+            rollout_id = (await response.json())["id"]
+        async with session.post(f"{base}/api/v1/rollouts/{rollout_id}/pause", headers=auth) as response:
+            assert (await response.json())["status"] == "paused"
+        async with session.post(f"{base}/api/v1/rollouts/{rollout_id}/resume", headers=auth) as response:
+            assert (await response.json())["status"] == "running"
+
+        def done() -> bool:
+            state = store.load_rollout(rollout_id)
+            return state is not None and state.status is not RolloutStatus.RUNNING
+
+        await _until(done, "the rollout to finish")
+        async with session.get(f"{base}/api/v1/rollouts/{rollout_id}", headers=auth) as response:
+            assert (await response.json())["status"] == "succeeded"
+        pinned = store.get_node(f"{prefix}-a10")
+        release = store.get_release("r2")
+        assert pinned is not None
+        assert release is not None
+        assert pinned.artifact == release.variant("int8-te8").artifact_id  # the operator's pin won
+        async with session.get(f"{base}/api/v1/rollouts/ro-missing", headers=auth) as response:
+            assert response.status == 404
+        async with session.get(f"{base}/metrics", headers=auth) as response:
+            text = await response.text()
+        assert 'zimage_fleet_nodes{device="NVIDIA T4 16 GB",online="true"} 1.0' in text
+        assert 'zimage_fleet_rollouts{status="succeeded"} 1.0' in text
