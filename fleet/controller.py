@@ -77,9 +77,23 @@ class Controller:
     # --- releases and rollouts -----------------------------------------------------------------
 
     def publish_release(self, name: str, directories: list[Path]) -> ReleaseRecord:
-        """Verify each artifact, serve it, and register the release (blocking: hashes every file)."""
+        """Verify each artifact, serve it, and register the release (blocking: hashes every file).
+
+        The store records where each artifact lies (a ``file://`` URL), so a restarted controller
+        serves its releases again (``restore_catalog``)."""
         manifests: list[Manifest] = [self.catalog.add(directory) for directory in directories]
-        return self.store.add_release(name, manifests)
+        where = {m.variant_name: Path(d).resolve().as_uri() for m, d in zip(manifests, directories, strict=True)}
+        return self.store.add_release(name, manifests, where)
+
+    def restore_catalog(self) -> int:
+        """Serve the artifacts of every registered release again (after a restart); returns how many."""
+        count = 0
+        for release in self.store.list_releases():
+            for variant in release.variants:
+                if variant.url and variant.url.startswith("file://"):
+                    self.catalog.add(Path(variant.url.removeprefix("file://")))
+                    count += 1
+        return count
 
     def targets(
         self, release: ReleaseRecord, pinned: dict[str, str] | None = None
