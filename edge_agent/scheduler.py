@@ -166,9 +166,12 @@ class Scheduler:
                     continue
                 timeout = None if decision.wake_at is None else max(0.0, decision.wake_at - self.clock())
             self._wake.clear()
-            # A timeout means the oldest request's batching window ended: decide again.
+            # A timeout means the oldest request's batching window ended: decide again. asyncio.timeout,
+            # not wait_for: on 3.11 a cancel landing as wait_for times out comes out as TimeoutError,
+            # which this loop would swallow, and the app's shutdown would wait for it for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     async def _run_batch(self, batch: list[Job]) -> None:
         live = [job for job in batch if not job.future.done() and not job.work.cancel.is_set()]

@@ -220,8 +220,11 @@ class Controller:
     async def _tick(self) -> None:
         while True:
             # A timeout is the tick itself: bake windows and node timeouts end without any message.
+            # asyncio.timeout, not wait_for: on 3.11 a cancel that lands as wait_for times out comes
+            # out as TimeoutError, which this loop would swallow and never stop (seen at shutdown).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.tick_s)
+                async with asyncio.timeout(self.config.tick_s):
+                    await self._wake.wait()
             self._wake.clear()
             await self.step_rollouts()
 

@@ -1,0 +1,154 @@
+"""What must survive: telemetry produced while the broker or the controller is down arrives after it
+returns (every seq once), a controller restart picks its rollout up, junk on the wire is counted."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_agent.app import create_app
+from edge_agent.keys import RUNNER, STATE
+from edge_agent.settings import AgentSettings, ApiKey
+from fleet.api import create_controller_app
+from fleet.artifact_server import ArtifactCatalog
+from fleet.broker import free_port
+from fleet.controller import Controller, ControllerConfig
+from fleet.node import Node, NodeConfig
+from fleet.rollout import RolloutSpec, RolloutStatus
+from fleet.store import Store
+from quantize.profiles import PROFILES
+from tests.fleet.conftest import client_settings, unique_id, within
+
+KEYS = [{"name": "node", "sha256": ApiKey.hash("node-secret"), "admin": True}]
+WAIT_S = 120
+
+
+async def _until(predicate, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.to_thread(lambda: None)
+
+
+class Fleet:
+    """One node with its agent, and a controller that can be stopped and started again on one store."""
+
+    def __init__(self, broker, tmp_path: Path, port: int, agent_url: str) -> None:
+        self.broker, self.tmp_path, self.port = broker, tmp_path, port
+        self.controller_id = unique_id("ctl")
+        self.store = Store.open(tmp_path / "fleet.db")
+        self.catalog = ArtifactCatalog()
+        self.node = Node(
+            NodeConfig(node_id=unique_id("node"), mqtt=client_settings(broker), agent_url=agent_url,
+                       agent_key="node-secret", store_dir=tmp_path / "store", telemetry_interval_s=0.1),
+            facts=PROFILES["a10-24gb"].facts(),
+        )  # fmt: skip
+        self.node_stop = asyncio.Event()
+        self.node_task = asyncio.create_task(self.node.run(self.node_stop), name="test-node")
+        self.controller: Controller | None = None
+
+    async def start_controller(self, aiohttp_server) -> Controller:
+        self.controller = Controller(
+            ControllerConfig(controller_id=self.controller_id, mqtt=client_settings(self.broker),
+                             artifact_base_url=f"http://127.0.0.1:{self.port}", tick_s=0.1),
+            self.store, self.catalog,
+        )  # fmt: skip
+        self.stop = asyncio.Event()
+        self.task = asyncio.create_task(self.controller.run(self.stop), name="test-controller")
+        if not hasattr(self, "server"):
+            self.server = await aiohttp_server(create_controller_app(self.controller, "t"), port=self.port)
+        return self.controller
+
+    async def stop_controller(self) -> None:
+        self.stop.set()
+        await within(self.task, WAIT_S)
+
+    def produced(self) -> int:
+        """The node's highest seq so far (telemetry and events share it)."""
+        return max((row.seq for row in self.node.outbox.pending(10_000)), default=0)
+
+
+@pytest.fixture
+async def fleet(broker, aiohttp_server, tiny_model_dir: Path, tmp_path: Path):
+    app = create_app(AgentSettings(model=str(tiny_model_dir), api_keys=KEYS))
+    server = await aiohttp_server(app)
+    await asyncio.wait_for(app[STATE].warmed.wait(), WAIT_S)
+    the_fleet = Fleet(broker, tmp_path, free_port(), str(server.make_url("")))
+    the_fleet.agent_app = app  # type: ignore[attr-defined]
+    await the_fleet.start_controller(aiohttp_server)
+    yield the_fleet
+    the_fleet.node_stop.set()
+    await within(the_fleet.node_task, WAIT_S)
+    if not the_fleet.stop.is_set():
+        await the_fleet.stop_controller()
+    the_fleet.store.close()
+
+
+def _all_stored(fleet: Fleet, upto: int) -> bool:
+    return fleet.store.ack_watermark(fleet.node.config.node_id) >= upto
+
+
+async def test_telemetry_made_while_the_broker_is_down_arrives_once(fleet: Fleet) -> None:
+    node_id = fleet.node.config.node_id
+    await _until(lambda: fleet.store.ack_watermark(node_id) >= 3, "telemetry to flow")
+    fleet.broker.stop()
+    before = fleet.produced()
+    await _until(lambda: fleet.produced() >= before + 5, "telemetry made while the broker is down")
+    made_offline = fleet.produced()
+    assert fleet.store.ack_watermark(node_id) < made_offline  # the controller has not seen those yet
+    fleet.broker.restart()
+    await _until(lambda: _all_stored(fleet, made_offline), "every seq made while down to be stored")
+    stored = fleet.store.telemetry_count(node_id)
+    assert stored >= made_offline  # each seq 1..made_offline is in the store (the watermark is contiguous)
+    # The acknowledged rows left the node's outbox: nothing piles up once the controller has them.
+    await _until(lambda: all(r.seq > made_offline for r in fleet.node.outbox.pending(10_000)), "the outbox to let go")
+
+
+async def test_telemetry_made_while_the_controller_is_down_arrives_after_it_returns(
+    fleet: Fleet, aiohttp_server
+) -> None:
+    node_id = fleet.node.config.node_id
+    await _until(lambda: fleet.store.ack_watermark(node_id) >= 3, "telemetry to flow")
+    await fleet.stop_controller()
+    before = fleet.produced()
+    await _until(lambda: fleet.produced() >= before + 5, "telemetry made while the controller is down")
+    made = fleet.produced()
+    await fleet.start_controller(aiohttp_server)  # same id: its persistent session kept the messages
+    await _until(lambda: _all_stored(fleet, made), "what was made while the controller was down")
+
+
+async def test_a_restarted_controller_resumes_its_rollout(
+    fleet: Fleet, aiohttp_server, tiny_model_dir, artifacts
+) -> None:
+    node_id = fleet.node.config.node_id
+    assert fleet.controller is not None
+    await _until(lambda: (n := fleet.store.get_node(node_id)) is not None and n.facts is not None, "the node")
+    release = await asyncio.to_thread(fleet.controller.publish_release, "r1", [artifacts.get(tiny_model_dir, "int8")])
+    state = fleet.controller.create_rollout(RolloutSpec(release="r1", waves=("100%",), bake_s=1.0,
+                                                        node_timeout_s=WAIT_S))  # fmt: skip
+    await _until(lambda: fleet.store.get_node(node_id).reported_generation >= 1, "the node to install")
+    await fleet.stop_controller()  # mid-rollout: the node is baking
+    assert fleet.store.load_rollout(state.id).status is RolloutStatus.RUNNING
+    await fleet.start_controller(aiohttp_server)
+    await _until(lambda: fleet.store.load_rollout(state.id).status is not RolloutStatus.RUNNING, "the rollout")
+    assert fleet.store.load_rollout(state.id).status is RolloutStatus.SUCCEEDED
+    assert fleet.agent_app[RUNNER].identity.id == release.variants[0].artifact_id  # type: ignore[attr-defined]
+
+
+async def test_malformed_and_misplaced_payloads_are_counted_and_ignored(fleet: Fleet, make_client) -> None:
+    assert fleet.controller is not None
+    intruder = make_client(client_settings(fleet.broker), unique_id("intruder"))
+    await intruder.start()
+    topics = fleet.controller.topics
+    node_id = fleet.node.config.node_id
+    await intruder.publish(topics.telemetry(node_id), b"{not json", qos=1)
+    await intruder.publish(topics.telemetry(node_id), b'{"v": 1, "node": "someone-else", "seq": 1}', qos=1)
+    await intruder.publish(topics.reported("other"), b'{"v": 9}', qos=1)
+    await _until(lambda: {"malformed", "version"} <= set(fleet.controller.dropped), "the drops to be counted")
+    assert fleet.controller.dropped.get("node_mismatch", 0) + fleet.controller.dropped.get("schema", 0) >= 1
+    counts = fleet.store.drop_counts()
+    assert counts[("mqtt", "malformed")] >= 1
+    assert fleet.store.get_node("someone-else") is None  # nothing of it was stored
