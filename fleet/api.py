@@ -9,6 +9,7 @@ import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ DEFAULT_WAVES: tuple[int | str, ...] = (1, "10%", "50%", "100%")
 CONTROLLER = web.AppKey("controller", Controller)
 TOKEN = web.AppKey("token", str)
 
-OPEN_PATHS = frozenset({"/healthz"})
+# The page is a static shell: the data comes from the API, with the token the operator types into it.
+OPEN_PATHS = frozenset({"/healthz", "/"})
 OPEN_PREFIXES = ("/artifacts/",)  # nodes fetch artifacts without the operators' token; they verify them
 
 
@@ -120,6 +122,12 @@ class FleetMetrics:
         return generate_latest(self.registry)
 
 
+async def status_page(request: web.Request) -> web.Response:
+    """A read-only status page: nodes, what they run, and the rollouts' waves, refreshed live."""
+    page = resources.files("fleet").joinpath("static/status.html").read_text(encoding="utf-8")
+    return web.Response(text=page, content_type="text/html")
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "alive", "mqtt_connected": request.app[CONTROLLER].mqtt.connected})
 
@@ -197,6 +205,7 @@ def create_controller_app(controller: Controller, token: str) -> web.Application
     app[TOKEN] = token
     app[METRICS] = FleetMetrics()
     add_artifact_routes(app, controller.catalog)
+    app.router.add_get("/", status_page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/nodes", list_nodes)

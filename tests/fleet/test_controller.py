@@ -163,3 +163,37 @@ async def test_the_operators_api(fleet, tiny_model_dir, artifacts) -> None:
             text = await response.text()
         assert 'zimage_fleet_nodes{device="NVIDIA T4 16 GB",online="true"} 1.0' in text
         assert 'zimage_fleet_rollouts{status="succeeded"} 1.0' in text
+
+
+async def test_the_status_page_shows_nodes_and_rollout_waves_in_chromium(fleet, tiny_model_dir, artifacts) -> None:
+    from playwright.async_api import async_playwright
+
+    from tests.agent.test_web_page import CHROMIUM, CHROMIUM_ARGS
+
+    controller, store, _agents, prefix = fleet
+    await _until(lambda: sum(1 for n in store.list_nodes() if n.facts and n.online) == 3, "three nodes to report")
+    directories = [artifacts.get(tiny_model_dir, variant) for variant in ("bf16", "int8-te8", "int4-te8")]
+    await asyncio.to_thread(controller.publish_release, "r3", directories)
+    state = controller.create_rollout(RolloutSpec(release="r3", waves=("100%",), bake_s=0.2, node_timeout_s=WAIT_S))
+    await _until(lambda: store.load_rollout(state.id).status is not RolloutStatus.RUNNING, "the rollout")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = await browser.new_page()
+            await page.goto(str(controller.api.make_url("/")))
+            await page.fill("#token", "wrong")
+            await page.click("#load")
+            await page.wait_for_function("document.getElementById('error').textContent !== ''", timeout=WAIT_S * 1000)
+            await page.fill("#token", TOKEN)
+            await page.click("#load")
+            await page.wait_for_function(
+                f"document.querySelector('table[data-rollout=\"{state.id}\"]')?.dataset.status === 'succeeded'",
+                timeout=WAIT_S * 1000,
+            )
+            rows = await page.eval_on_selector_all("#nodes tbody tr", "rows => rows.map(r => r.dataset.node)")
+            assert sorted(rows) == sorted(f"{prefix}-{name}" for name in DEVICES)
+            assert "NVIDIA A10 24 GB" in await page.inner_text("#nodes")
+            waves = await page.inner_text(f'table[data-rollout="{state.id}"]')
+            assert waves.count("baked") == 3
+        finally:
+            await browser.close()
