@@ -55,6 +55,11 @@ class AgentClient:
         return AgentHealth(alive=is_alive, ready=is_ready, reason=str(reason)[:MAX_NAME_CHARS] or None)
 
     async def running(self) -> RunningModel | None:
+        found = await self.running_with_source()
+        return found[0] if found else None
+
+    async def running_with_source(self) -> tuple[RunningModel, str] | None:
+        """The model the agent serves, and where it loaded it from (for a swap back to it)."""
         try:
             async with await self._get("/v1/models") as response:
                 if response.status != 200:
@@ -65,9 +70,10 @@ class AgentClient:
         if not data.get("data"):
             return None
         entry = data["data"][0]
-        return RunningModel(
+        model = RunningModel(
             artifact_id=entry["artifact_id"], variant=entry["variant"], dtype=entry["dtype"], device=entry["device"]
         )
+        return model, str(entry["source"])
 
     async def metrics_text(self) -> str | None:
         try:

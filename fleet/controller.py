@@ -175,14 +175,19 @@ class Controller:
             log.info("rollout_done", extra={"event": "rollout_done", "rollout": state.id, "status": state.status})
 
     async def _desire(self, node: str, generation: int, release: str, artifact_id: str) -> None:
+        url = artifact_url(self.config.artifact_base_url, artifact_id)
         entry = self.catalog.entries.get(artifact_id)
-        if entry is None:
-            raise ValueError(f"artifact {artifact_id[:10]} is not served by this controller")
-        manifest = entry[1]
-        desired = DesiredState.for_manifest(
-            node, generation=generation, release=release, manifest=manifest,
-            url=artifact_url(self.config.artifact_base_url, artifact_id), ts=self.clock(),
-        )  # fmt: skip
+        if entry is not None:
+            desired = DesiredState.for_manifest(
+                node, generation=generation, release=release, manifest=entry[1], url=url, ts=self.clock()
+            )
+        else:
+            # A rollback to what the node ran before this controller knew it (e.g. the model it was
+            # deployed with): the node has it and swaps back without downloading anything.
+            desired = DesiredState(
+                node=node, generation=generation, release=release, variant="previous", artifact_id=artifact_id,
+                url=url, bytes=0, ts=self.clock(),
+            )  # fmt: skip
         self.store.record_desired(node, generation, artifact_id)
         await self.mqtt.publish(*self.topics.outgoing(desired))
 

@@ -119,6 +119,9 @@ class Node:
         # Outbox rows published on this connection: a flush sends only newer ones; after a reconnect
         # everything not yet acknowledged goes again (the controller stores each seq once).
         self._sent_upto = 0
+        # Models the agent has served, by artifact_id: a rollback to one of them needs no download
+        # (the model it started with may be a plain directory no controller serves).
+        self._served: dict[str, str] = {}
         self.applied = asyncio.Event()  # set after each desired generation is applied or refused
         self.mqtt = MqttClient(
             self.config.mqtt, f"node-{self.config.node_id}", will=self._will, on_connect=self._on_connect
@@ -276,15 +279,21 @@ class Node:
             self._wake_flush.set()  # more is waiting
 
     async def _apply(self, desired: DesiredState) -> None:
-        previous = await self.agent.running()
+        found = await self.agent.running_with_source()
+        previous = found[0] if found else None
+        if found:
+            self._served[found[0].artifact_id] = found[1]
         try:
-            await self._event(desired, EventKind.DOWNLOAD, EventPhase.STARTED, f"fetching {desired.variant}")
-            trusted = load_public_keys(self.config.trusted_keys)
-            path = await self.store.fetch(
-                self.session, desired.url, desired.artifact_id, trusted=trusted,
-                bytes_per_s=self.config.bandwidth_bytes_per_s,
-            )  # fmt: skip
-            await self._event(desired, EventKind.INSTALL, EventPhase.SUCCEEDED, f"verified and installed at {path}")
+            if desired.artifact_id in self._served and not self.store.has(desired.artifact_id):
+                path = Path(self._served[desired.artifact_id])  # back to what it ran before: no download
+            else:
+                await self._event(desired, EventKind.DOWNLOAD, EventPhase.STARTED, f"fetching {desired.variant}")
+                trusted = load_public_keys(self.config.trusted_keys)
+                path = await self.store.fetch(
+                    self.session, desired.url, desired.artifact_id, trusted=trusted,
+                    bytes_per_s=self.config.bandwidth_bytes_per_s,
+                )  # fmt: skip
+                await self._event(desired, EventKind.INSTALL, EventPhase.SUCCEEDED, f"verified, installed at {path}")
             await self._event(desired, EventKind.SWAP, EventPhase.STARTED, "asking the agent to swap")
             await self.agent.swap(str(path))
             health = await self.agent.wait_ready(READY_TIMEOUT_S)

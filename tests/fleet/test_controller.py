@@ -9,9 +9,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from edge_agent.app import create_app
 from edge_agent.keys import RUNNER, STATE
+from edge_agent.runner import default_batch_fn
 from edge_agent.settings import AgentSettings, ApiKey
 from fleet.api import create_controller_app
 from fleet.artifact_server import ArtifactCatalog
@@ -29,6 +31,22 @@ WAIT_S = 120
 # Three sites' devices: the planner gives each the best variant of the release that fits it.
 DEVICES = {"orin": "jetson-orin-nano-8gb", "t4": "t4-16gb", "a10": "a10-24gb"}
 EXPECTED = {"orin": "int4-te8", "t4": "int8-te8", "a10": "bf16"}
+
+
+class FailSwitch:
+    """The real generation, until a test makes this agent fail every request (a bad variant's symptom)."""
+
+    def __init__(self) -> None:
+        self.failing = False
+
+    def __call__(self, pipe, requests, **kwargs):
+        if self.failing:
+            raise RuntimeError("simulated: this variant breaks on this device")
+        return default_batch_fn(pipe, requests, **kwargs)
+
+
+SWITCH = web.AppKey("test_switch", FailSwitch)
+URL = web.AppKey("test_url", dict[str, str])  # filled once the test server has its port
 
 
 async def _until(predicate, what: str) -> None:
@@ -54,8 +72,12 @@ async def fleet(broker, aiohttp_server, tiny_model_dir: Path, tmp_path: Path):
     agents = {}
     prefix = unique_id("node")
     for name, profile in DEVICES.items():
-        app = create_app(AgentSettings(model=str(tiny_model_dir), api_keys=KEYS))
+        switch = FailSwitch()
+        app = create_app(AgentSettings(model=str(tiny_model_dir), api_keys=KEYS), batch_fn=switch)
+        app[SWITCH] = switch
+        app[URL] = where = {}
         server = await aiohttp_server(app)
+        where["url"] = str(server.make_url("")).rstrip("/")
         await asyncio.wait_for(app[STATE].warmed.wait(), WAIT_S)
         agents[f"{prefix}-{name}"] = app
         node = Node(
@@ -197,3 +219,32 @@ async def test_the_status_page_shows_nodes_and_rollout_waves_in_chromium(fleet, 
             assert waves.count("baked") == 3
         finally:
             await browser.close()
+
+
+async def test_a_gate_breach_stops_the_rollout_and_rolls_the_node_back(fleet, tiny_model_dir, artifacts) -> None:
+    controller, store, agents, prefix = fleet
+    await _until(lambda: sum(1 for n in store.list_nodes() if n.facts and n.online) == 3, "three nodes to report")
+    first = f"{prefix}-a10"  # the first wave is one node, the first by id
+    original = {node: app[RUNNER].identity.id for node, app in agents.items()}
+    directories = [artifacts.get(tiny_model_dir, variant) for variant in ("bf16", "int8-te8", "int4-te8")]
+    await asyncio.to_thread(controller.publish_release, "r4", directories)
+    spec = RolloutSpec(release="r4", waves=(1, "100%"), bake_s=3.0, gates=Gates(max_error_rate=0.2),
+                       node_timeout_s=WAIT_S)  # fmt: skip
+    state = controller.create_rollout(spec)
+    await _until(lambda: agents[first][RUNNER].identity.id != original[first], "the first node to swap")
+    agents[first][SWITCH].failing = True  # the new variant fails on this device
+    async with aiohttp.ClientSession() as session:
+        for seed in range(4):
+            body = {"prompt": "a red circle", "width": 64, "height": 64, "seed": seed}
+            headers = {"Authorization": "Bearer node-secret"}
+            async with session.post(f"{agents[first][URL]['url']}/v1/generate", json=body, headers=headers) as response:
+                assert response.status == 500
+    await _until(lambda: store.load_rollout(state.id).status is not RolloutStatus.RUNNING, "the gate to stop it")
+    final = store.load_rollout(state.id)
+    assert final.status is RolloutStatus.FAILED
+    assert "error rate" in final.reason
+    agents[first][SWITCH].failing = False
+    # The touched node goes back to what it ran (a plain directory no controller serves: no download).
+    await _until(lambda: agents[first][RUNNER].identity.id == original[first], "the rollback of the first node")
+    for node, app in agents.items():
+        assert app[RUNNER].identity.id == original[node]  # the second wave never started
