@@ -152,3 +152,19 @@ async def test_malformed_and_misplaced_payloads_are_counted_and_ignored(fleet: F
     counts = fleet.store.drop_counts()
     assert counts[("mqtt", "malformed")] >= 1
     assert fleet.store.get_node("someone-else") is None  # nothing of it was stored
+
+
+async def test_a_broker_restart_mid_rollout_still_converges(fleet: Fleet, tiny_model_dir, artifacts) -> None:
+    node_id = fleet.node.config.node_id
+    assert fleet.controller is not None
+    await _until(lambda: (n := fleet.store.get_node(node_id)) is not None and n.facts is not None, "the node")
+    release = await asyncio.to_thread(fleet.controller.publish_release, "r1", [artifacts.get(tiny_model_dir, "int8")])
+    state = fleet.controller.create_rollout(
+        RolloutSpec(release="r1", waves=("100%",), bake_s=1.0, node_timeout_s=WAIT_S)
+    )
+    await _until(lambda: fleet.store.get_node(node_id).desired_generation >= 1, "the desired state to go out")
+    fleet.broker.stop()  # mid-rollout: both sides lose the broker
+    fleet.broker.restart()
+    await _until(lambda: fleet.store.load_rollout(state.id).status is not RolloutStatus.RUNNING, "the rollout")
+    assert fleet.store.load_rollout(state.id).status is RolloutStatus.SUCCEEDED
+    assert fleet.agent_app[RUNNER].identity.id == release.variants[0].artifact_id  # type: ignore[attr-defined]
