@@ -270,6 +270,8 @@ class Controller:
             self.store.record_telemetry([sample])
             if isinstance(model, Event) and model.phase is EventPhase.FAILED and model.generation:
                 self.store.record_failure(model.node, model.generation, model.message)
+            if isinstance(model, Event) and model.dropped_first is not None and model.dropped_last is not None:
+                self.store.record_gap(model.node, model.dropped_first, model.dropped_last)
             before = self.store.ack_watermark(model.node)
             after = self.store.advance_ack(model.node)
             if after > before:

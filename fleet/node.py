@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from fleet.agent_client import AgentClient, AgentError
 from fleet.model_store import DownloadError, ModelStore
 from fleet.mqtt import ConnectInfo, Message, MqttClient, MqttError, MqttSettings
-from fleet.outbox import Outbox
+from fleet.outbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS, Outbox
 from fleet.protocol import (
     DEFAULT_PREFIX,
     Ack,
@@ -72,6 +72,8 @@ class NodeConfig(BaseModel):
     bandwidth_bytes_per_s: float | None = Field(default=None, gt=0, description="download cap (none: no cap)")
     trusted_keys: list[Path] = Field(default_factory=list, description="public keys artifacts must be signed by")
     labels: dict[str, str] = Field(default_factory=dict, description="labels for rollout selectors (site, class)")
+    outbox_max_rows: int = Field(default=DEFAULT_MAX_ROWS, ge=1, description="outbox bound in messages")
+    outbox_max_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1024, description="outbox bound in bytes")
 
 
 @dataclass
@@ -108,7 +110,9 @@ class Node:
         validate_node_id(self.config.node_id)
         self.topics = Topics(self.config.prefix)
         self.store = ModelStore(self.config.store_dir)
-        self.outbox = Outbox(self.config.store_dir / "outbox.db")
+        self.outbox = Outbox(
+            self.config.store_dir / "outbox.db", self.config.outbox_max_rows, self.config.outbox_max_bytes
+        )
         self.memory = NodeMemory.load(self.config.store_dir / "node.json")
         self._base_bd_seq = self.memory.bd_seq
         self._current_bd_seq = self.memory.bd_seq
@@ -122,6 +126,7 @@ class Node:
         # Models the agent has served, by artifact_id: a rollback to one of them needs no download
         # (the model it started with may be a plain directory no controller serves).
         self._served: dict[str, str] = {}
+        self._announced_drops = 0
         self.applied = asyncio.Event()  # set after each desired generation is applied or refused
         self.mqtt = MqttClient(
             self.config.mqtt, f"node-{self.config.node_id}", will=self._will, on_connect=self._on_connect
@@ -251,7 +256,17 @@ class Node:
             )
 
         await asyncio.to_thread(self.outbox.add, [("telemetry", build)])
+        if self.outbox.dropped > self._announced_drops:
+            self._announced_drops = self.outbox.dropped
+            await asyncio.to_thread(self.outbox.announce_drops, self._drop_event)
         self._wake_flush.set()
+
+    def _drop_event(self, seq: int, first: int, last: int) -> bytes:
+        return encode(Event(
+            node=self.config.node_id, seq=seq, ts=self.clock(), kind=EventKind.ERROR, phase=EventPhase.FAILED,
+            message=f"telemetry {first}..{last} dropped: the outbox was full", reason="telemetry_dropped",
+            dropped_first=first, dropped_last=last,
+        ))  # fmt: skip
 
     async def _event(self, desired: DesiredState, kind: EventKind, phase: EventPhase, message: str,
                      reason: str | None = None) -> None:  # fmt: skip

@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dropped (seq INTEGER PRIMARY KEY);
 """
 
 
@@ -101,8 +102,37 @@ class Outbox:
             if oldest is None:
                 return  # only kept kinds remain: they stay, over the bound
             self._db.execute("DELETE FROM outbox WHERE seq = ?", (oldest[0],))
+            self._db.execute("INSERT INTO dropped (seq) VALUES (?)", (oldest[0],))
             self.dropped += 1
             rows, size = rows - 1, size - oldest[1]
+
+    def announce_drops(self, build: Callable[[int, int, int], bytes]) -> list[int]:
+        """Turn the seqs dropped since the last call into events (one per contiguous range), in one
+        transaction: ``build(seq, first, last)`` makes each event. Returns the events' seqs."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                seqs = [int(row[0]) for row in self._db.execute("SELECT seq FROM dropped ORDER BY seq")]
+                ranges: list[tuple[int, int]] = []
+                for seq in seqs:
+                    if ranges and seq == ranges[-1][1] + 1:
+                        ranges[-1] = (ranges[-1][0], seq)
+                    else:
+                        ranges.append((seq, seq))
+                first_seq = self._next_seq()
+                rows = [(first_seq + i, "events", build(first_seq + i, a, b)) for i, (a, b) in enumerate(ranges)]
+                self._db.executemany("INSERT INTO outbox (seq, kind, payload) VALUES (?, ?, ?)", rows)
+                self._db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('next_seq', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (first_seq + len(rows),),
+                )
+                self._db.execute("DELETE FROM dropped")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return [row[0] for row in rows]
 
     def pending(self, limit: int = 500, after: int = 0) -> list[Pending]:
         """The oldest unacknowledged rows (with a seq above ``after``: those not yet sent)."""

@@ -290,6 +290,10 @@ class Event(_Payload):
     progress: float | None = Field(default=None, ge=0, le=1)
     generation: Seq | None = Field(default=None, description="the desired generation this event is about")
     artifact_id: ArtifactId | None = None
+    # A full outbox drops the oldest telemetry; this event says which seqs will never come, so the
+    # controller's ack watermark can pass them (kind "error", reason "telemetry_dropped").
+    dropped_first: Seq | None = Field(default=None, description="first seq of a range the node dropped")
+    dropped_last: Seq | None = Field(default=None, description="last seq of that range (inclusive)")
 
 
 class Ack(_Payload):

@@ -65,3 +65,18 @@ def test_a_failed_batch_stores_nothing(tmp_path: Path) -> None:
         box.add([("telemetry", _telemetry), ("telemetry", broken)])
     assert len(box) == 0
     assert box.add([("telemetry", _telemetry)]) == [1]
+
+
+def test_dropped_seqs_are_announced_once_as_ranges(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "outbox.db", max_rows=3)
+    box.add([("telemetry", _telemetry)] * 6)  # 1..3 dropped
+    announced: list[tuple[int, int, int]] = []
+
+    def event(seq: int, first: int, last: int) -> bytes:
+        announced.append((seq, first, last))
+        return json.dumps({"seq": seq, "dropped": [first, last]}).encode()
+
+    assert box.announce_drops(event) == [7]
+    assert announced == [(7, 1, 3)]
+    assert box.announce_drops(event) == []  # said once
+    assert [p.kind for p in box.pending()][-1] == "events"

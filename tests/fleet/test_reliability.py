@@ -36,14 +36,15 @@ async def _until(predicate, what: str) -> None:
 class Fleet:
     """One node with its agent, and a controller that can be stopped and started again on one store."""
 
-    def __init__(self, broker, tmp_path: Path, port: int, agent_url: str) -> None:
+    def __init__(self, broker, tmp_path: Path, port: int, agent_url: str, **node: object) -> None:
         self.broker, self.tmp_path, self.port = broker, tmp_path, port
         self.controller_id = unique_id("ctl")
         self.store = Store.open(tmp_path / "fleet.db")
         self.catalog = ArtifactCatalog()
         self.node = Node(
             NodeConfig(node_id=unique_id("node"), mqtt=client_settings(broker), agent_url=agent_url,
-                       agent_key="node-secret", store_dir=tmp_path / "store", telemetry_interval_s=0.1),
+                       agent_key="node-secret", store_dir=tmp_path / "store", telemetry_interval_s=0.1,
+                       **node),
             facts=PROFILES["a10-24gb"].facts(),
         )  # fmt: skip
         self.node_stop = asyncio.Event()
@@ -72,11 +73,16 @@ class Fleet:
 
 
 @pytest.fixture
-async def fleet(broker, aiohttp_server, tiny_model_dir: Path, tmp_path: Path):
+def node_options() -> dict[str, object]:
+    return {}
+
+
+@pytest.fixture
+async def fleet(broker, aiohttp_server, tiny_model_dir: Path, tmp_path: Path, node_options):
     app = create_app(AgentSettings(model=str(tiny_model_dir), api_keys=KEYS))
     server = await aiohttp_server(app)
     await asyncio.wait_for(app[STATE].warmed.wait(), WAIT_S)
-    the_fleet = Fleet(broker, tmp_path, free_port(), str(server.make_url("")))
+    the_fleet = Fleet(broker, tmp_path, free_port(), str(server.make_url("")), **node_options)
     the_fleet.agent_app = app  # type: ignore[attr-defined]
     await the_fleet.start_controller(aiohttp_server)
     yield the_fleet
@@ -168,3 +174,17 @@ async def test_a_broker_restart_mid_rollout_still_converges(fleet: Fleet, tiny_m
     await _until(lambda: fleet.store.load_rollout(state.id).status is not RolloutStatus.RUNNING, "the rollout")
     assert fleet.store.load_rollout(state.id).status is RolloutStatus.SUCCEEDED
     assert fleet.agent_app[RUNNER].identity.id == release.variants[0].artifact_id  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("node_options", [{"outbox_max_rows": 5}])
+async def test_an_outbox_that_overflowed_says_what_it_dropped_and_the_ack_passes_it(fleet: Fleet) -> None:
+    node_id = fleet.node.config.node_id
+    await _until(lambda: fleet.store.ack_watermark(node_id) >= 2, "telemetry to flow")
+    fleet.broker.stop()
+    await _until(lambda: fleet.node.outbox.dropped >= 10, "the outbox to overflow while the broker is down")
+    made = fleet.produced()
+    fleet.broker.restart()
+    # The dropped seqs are declared (an event, which is never dropped), so the watermark passes them.
+    await _until(lambda: fleet.store.ack_watermark(node_id) >= made, "the ack to pass the dropped seqs")
+    await _until(lambda: all(r.seq > made for r in fleet.node.outbox.pending(10_000)), "the outbox to empty")
+    assert fleet.store.telemetry_count(node_id) < made  # some telemetry was really lost, and said so
