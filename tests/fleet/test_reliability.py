@@ -146,10 +146,12 @@ async def test_a_restarted_controller_resumes_its_rollout(
 
 async def test_malformed_and_misplaced_payloads_are_counted_and_ignored(fleet: Fleet, make_client) -> None:
     assert fleet.controller is not None
-    intruder = make_client(client_settings(fleet.broker), unique_id("intruder"))
-    await intruder.start()
     topics = fleet.controller.topics
     node_id = fleet.node.config.node_id
+    # The controller has subscribed once it has heard from the node (junk sent before would miss it).
+    await _until(lambda: fleet.store.get_node(node_id) is not None, "the controller to hear from the node")
+    intruder = make_client(client_settings(fleet.broker), unique_id("intruder"))
+    await intruder.start()
     await intruder.publish(topics.telemetry(node_id), b"{not json", qos=1)
     await intruder.publish(topics.telemetry(node_id), b'{"v": 1, "node": "someone-else", "seq": 1}', qos=1)
     await intruder.publish(topics.reported("other"), b'{"v": 9}', qos=1)
