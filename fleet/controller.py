@@ -248,7 +248,17 @@ class Controller:
             self._wake.set()
 
     async def ingest(self, model: object) -> None:
-        """Store what a node said; publish its new ack watermark for telemetry and events."""
+        """Store what a node said (SQL, in a thread: never on the loop); publish its new ack watermark."""
+        ack = await asyncio.to_thread(self._store, model)
+        if ack is not None:
+            try:
+                await self.mqtt.publish(*self.topics.outgoing(ack))
+            except MqttError as exc:
+                self._drop(f"ack_{exc.reason}")
+        self.changed.set()
+
+    def _store(self, model: object) -> Ack | None:
+        """Record one message; for telemetry and events, the ack to publish when the watermark moved."""
         if isinstance(model, NodeState):
             current = self.store.get_node(model.node)
             decision = state_decision(current.bd_seq if current else None, model)
@@ -275,8 +285,5 @@ class Controller:
             before = self.store.ack_watermark(model.node)
             after = self.store.advance_ack(model.node)
             if after > before:
-                try:
-                    await self.mqtt.publish(*self.topics.outgoing(Ack(node=model.node, seq=after)))
-                except MqttError as exc:
-                    self._drop(f"ack_{exc.reason}")
-        self.changed.set()
+                return Ack(node=model.node, seq=after)
+        return None
