@@ -8,13 +8,15 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fleet import rollout as ro
@@ -94,6 +96,28 @@ def _node_json(node: NodeRecord) -> dict[str, Any]:
     }  # fmt: skip
 
 
+class _IngestCounters(Collector):
+    """The controller's own counters since it started (it counts; Prometheus sees ``_total`` counters)."""
+
+    controller: Controller | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.controller is None:
+            return
+        ingested = CounterMetricFamily("zimage_fleet_ingested", "messages ingested, by topic kind", labels=["kind"])
+        for kind, n in sorted(self.controller.ingested.items()):
+            ingested.add_metric([kind], n)
+        yield ingested
+        yield GaugeMetricFamily(
+            "zimage_fleet_ingest_backlog", "messages received from the broker and not stored yet",
+            value=self.controller.mqtt.backlog,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "zimage_fleet_duplicates", "telemetry and events received again (stored once)",
+            value=self.controller.duplicates,
+        )  # fmt: skip
+
+
 class FleetMetrics:
     """Prometheus gauges read from the store at scrape time (a registry per app)."""
 
@@ -101,7 +125,8 @@ class FleetMetrics:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.nodes = Gauge("zimage_fleet_nodes", "nodes by device and online", ["device", "online"], registry=r)
         self.rollouts = Gauge("zimage_fleet_rollouts", "rollouts by status", ["status"], registry=r)
-        self.telemetry = Gauge("zimage_fleet_telemetry_stored", "telemetry and events stored", registry=r)
+        self.counters = _IngestCounters()
+        r.register(self.counters)
         self.drops = Gauge("zimage_fleet_dropped", "messages dropped, by reason", ["source", "reason"], registry=r)
 
     def collect(self, controller: Controller) -> bytes:
@@ -116,7 +141,7 @@ class FleetMetrics:
         self.rollouts.clear()
         for state in store.list_rollouts():
             self.rollouts.labels(str(state.status)).inc()
-        self.telemetry.set(store.telemetry_count())
+        self.counters.controller = controller
         for (source, reason), n in store.drop_counts().items():
             self.drops.labels(source, reason).set(n)
         return generate_latest(self.registry)
@@ -144,12 +169,12 @@ async def list_nodes(request: web.Request) -> web.Response:
     nodes = [_node_json(n) for n in records]
     release_name = request.query.get("explain")
     if release_name:
-        release = store.get_release(release_name)
+        release = await asyncio.to_thread(store.get_release, release_name)
         if release is None:
             raise ValueError(f"no release {release_name!r}")
-        variants = [v.release_variant() for v in release.variants]
-        for entry, record in zip(nodes, records, strict=True):
-            choice = ro.choose_variant(record.facts, variants) if record.facts else None
+        choices = await asyncio.to_thread(request.app[CONTROLLER].choices, release)
+        for entry in nodes:
+            choice = choices.get(entry["id"])
             entry["variant"] = choice.variant if choice else None
             entry["explanation"] = choice.explanation if choice else "the node has not reported its device"
     return web.json_response({"nodes": nodes})
@@ -173,18 +198,18 @@ async def publish(request: web.Request) -> web.Response:
 
 
 async def list_rollouts(request: web.Request) -> web.Response:
-    states = request.app[CONTROLLER].store.list_rollouts()
+    states = await asyncio.to_thread(request.app[CONTROLLER].store.list_rollouts)
     return web.json_response({"rollouts": [s.to_dict() for s in states]})
 
 
 async def create_rollout(request: web.Request) -> web.Response:
     body = RolloutBody.model_validate(await request.json())
-    state = request.app[CONTROLLER].create_rollout(body.spec(), body.pinned)
+    state = await request.app[CONTROLLER].create_rollout(body.spec(), body.pinned)
     return web.json_response(state.to_dict(), status=201)
 
 
 async def get_rollout(request: web.Request) -> web.Response:
-    state = request.app[CONTROLLER].store.load_rollout(request.match_info["rollout_id"])
+    state = await asyncio.to_thread(request.app[CONTROLLER].store.load_rollout, request.match_info["rollout_id"])
     if state is None:
         raise KeyError(request.match_info["rollout_id"])
     return web.json_response(state.to_dict())

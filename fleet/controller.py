@@ -14,7 +14,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,10 +41,15 @@ from fleet.protocol import (
     Topics,
     state_decision,
 )
-from fleet.store import ReleaseRecord, Store, TelemetrySample
+from fleet.store import Failure, Gap, Ingested, ReleaseRecord, Store, TelemetrySample
 from quantize.manifest import Manifest
+from zimage_edge.device import DeviceFacts
 
 log = logging.getLogger(__name__)
+
+
+# The topic kind of each message a controller ingests (the label of its ingest counter).
+_KINDS: dict[type, str] = {NodeState: "state", ReportedState: "reported", Telemetry: "telemetry", Event: "events"}
 
 
 class ControllerConfig(BaseModel):
@@ -55,6 +61,11 @@ class ControllerConfig(BaseModel):
     artifact_base_url: str = Field(description="where nodes fetch artifacts this controller serves")
     # One second: bake windows and node timeouts are minutes; a tick costs a few SQL reads.
     tick_s: float = Field(default=1.0, gt=0, description="how often running rollouts are stepped")
+    # While nodes report, a step could follow every ingested batch; each reads every node. A quarter
+    # second between steps bounds that work and adds little to a rollout whose waves bake for minutes.
+    min_step_interval_s: float = Field(default=0.25, ge=0, description="least time between two rollout steps")
+    # A batch is one transaction (one fsync): a second of telemetry from a thousand nodes fits in one.
+    ingest_batch: int = Field(default=2000, ge=1, description="most messages stored in one transaction")
 
 
 @dataclass
@@ -64,11 +75,16 @@ class Controller:
     catalog: ArtifactCatalog
     clock: Callable[[], float] = time.time
     dropped: dict[str, int] = field(default_factory=dict)
+    # Since this process started: messages ingested by topic kind, and redelivered samples (stored once).
+    ingested: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.config.prefix)
         self._bd_seq = 0
         self._wake = asyncio.Event()
+        # One writer of rollout states at a time: a step, an operator's pause/resume/abort, a new rollout.
+        self._rollout_lock = asyncio.Lock()
         self.changed = asyncio.Event()  # set after every ingest and step (tests and the status page wait on it)
         self.mqtt = MqttClient(
             self.config.mqtt, f"controller-{self.config.controller_id}", will=self._will, on_connect=self._on_connect
@@ -99,32 +115,56 @@ class Controller:
         self, release: ReleaseRecord, pinned: dict[str, str] | None = None
     ) -> dict[str, ro.Target | ro.NoTarget]:
         """Each node's variant of ``release``: the planner's best fit for its reported device."""
-        variants = [v.release_variant() for v in release.variants]
         chosen: dict[str, ro.Target | ro.NoTarget] = {}
-        for node in self.store.list_nodes():
-            if node.facts is None:
-                chosen[node.id] = ro.NoTarget("the node has not reported its device")
-                continue
-            choice = ro.choose_variant(node.facts, variants, pinned=(pinned or {}).get(node.id))
-            record = release.variant(choice.variant) if choice.variant else None
-            chosen[node.id] = (
-                ro.Target(record.variant, record.artifact_id) if record else ro.NoTarget(choice.explanation)
-            )
+        for node, choice in self.choices(release, pinned).items():
+            record = release.variant(choice.variant) if choice and choice.variant else None
+            if record is not None:
+                chosen[node] = ro.Target(record.variant, record.artifact_id)
+            else:
+                chosen[node] = ro.NoTarget(choice.explanation if choice else "the node has not reported its device")
         return chosen
 
-    def create_rollout(self, spec: ro.RolloutSpec, pinned: dict[str, str] | None = None) -> ro.RolloutState:
+    def choices(
+        self, release: ReleaseRecord, pinned: dict[str, str] | None = None
+    ) -> dict[str, ro.VariantChoice | None]:
+        """The planner's choice for each node (None: no device reported). A fleet has a few device
+        kinds and many nodes: the planner runs once per distinct device and pin, not once per node."""
+        variants = [v.release_variant() for v in release.variants]
+        memo: dict[tuple[DeviceFacts, str | None], ro.VariantChoice] = {}
+        chosen: dict[str, ro.VariantChoice | None] = {}
+        for node in self.store.list_nodes():
+            if node.facts is None:
+                chosen[node.id] = None
+                continue
+            key = (node.facts, (pinned or {}).get(node.id))
+            if key not in memo:
+                memo[key] = ro.choose_variant(node.facts, variants, pinned=key[1])
+            chosen[node.id] = memo[key]
+        return chosen
+
+    async def create_rollout(self, spec: ro.RolloutSpec, pinned: dict[str, str] | None = None) -> ro.RolloutState:
+        """Start rolling a release out (planning runs in a thread: a thousand nodes take a while)."""
+        async with self._rollout_lock:
+            state = await asyncio.to_thread(self._new_rollout, spec, pinned)
+        self._wake.set()
+        return state
+
+    def _new_rollout(self, spec: ro.RolloutSpec, pinned: dict[str, str] | None) -> ro.RolloutState:
         release = self.store.get_release(spec.release)
         if release is None:
             raise ValueError(f"no release {spec.release!r}")
         state = ro.start(f"ro-{uuid.uuid4().hex[:8]}", spec, self._observations(), self.targets(release, pinned),
                          self.clock())  # fmt: skip
         self.store.save_rollout(state)
-        self._wake.set()
         return state
 
     async def control(self, rollout_id: str, verb: str) -> ro.RolloutState:
         """``pause``, ``resume`` or ``abort`` a rollout (abort tells touched nodes to roll back)."""
-        state = self.store.load_rollout(rollout_id)
+        async with self._rollout_lock:
+            return await self._control(rollout_id, verb)
+
+    async def _control(self, rollout_id: str, verb: str) -> ro.RolloutState:
+        state = await asyncio.to_thread(self.store.load_rollout, rollout_id)
         if state is None:
             raise KeyError(rollout_id)
         now = self.clock()
@@ -139,28 +179,26 @@ class Controller:
             state = decision.state
         else:
             raise ValueError(f"unknown rollout action {verb!r}")
-        self.store.save_rollout(state)
+        await asyncio.to_thread(self.store.save_rollout, state)
         self._wake.set()
         return state
 
     def _observations(self) -> dict[str, ro.NodeObservation]:
-        observed = {}
-        for node in self.store.list_nodes():
-            sample = self.store.latest_telemetry(node.id)
-            telemetry = None
-            if sample is not None and sample.payload.get("agent"):
-                agent = sample.payload["agent"]
-                telemetry = ro.Telemetry(at=sample.received_at, error_rate=agent["error_rate"],
-                                         p95_ms=agent["latency_p95_ms"])  # fmt: skip
-            observed[node.id] = node.observation(telemetry)
-        return observed
+        return {node.id: node.observation() for node in self.store.list_nodes()}
 
     async def step_rollouts(self) -> None:
-        for state in self.store.list_rollouts(statuses=ro.ACTIVE):
-            decision = ro.step(state, self._observations(), self.clock())
+        async with self._rollout_lock:
+            await self._step_rollouts()
+
+    async def _step_rollouts(self) -> None:
+        states = await asyncio.to_thread(self.store.list_rollouts, statuses=ro.ACTIVE)
+        observations = await asyncio.to_thread(self._observations) if states else {}
+        for state in states:
+            decision = ro.step(state, observations, self.clock())
             for action in decision.actions:
                 await self._carry_out(decision.state, action)
-            self.store.save_rollout(decision.state)
+            if decision.state != state:
+                await asyncio.to_thread(self.store.save_rollout, decision.state)
         self.changed.set()
 
     async def _carry_out(self, state: ro.RolloutState, action: ro.Action) -> None:
@@ -188,7 +226,7 @@ class Controller:
                 node=node, generation=generation, release=release, variant="previous", artifact_id=artifact_id,
                 url=url, bytes=0, ts=self.clock(),
             )  # fmt: skip
-        self.store.record_desired(node, generation, artifact_id)
+        await asyncio.to_thread(self.store.record_desired, node, generation, artifact_id)
         await self.mqtt.publish(*self.topics.outgoing(desired))
 
     # --- MQTT ------------------------------------------------------------------------------------
@@ -230,60 +268,86 @@ class Controller:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.tick_s):
                     await self._wake.wait()
+            # Wakes that come during the pause are served by the step after it (the event stays set).
+            await asyncio.sleep(self.config.min_step_interval_s)
             self._wake.clear()
             await self.step_rollouts()
 
-    def _drop(self, reason: str) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
-        self.store.count_drop("mqtt", reason)
-
     async def _receive(self) -> None:
-        async for message in self.mqtt.messages():
-            try:
-                decoded = self.topics.decode(message.topic, message.payload)
-            except ProtocolError as exc:
-                self._drop(exc.reason)
-                continue
-            await self.ingest(decoded.model)
-            self._wake.set()
+        async for batch in self.mqtt.batches(self.config.ingest_batch):
+            models, drops = [], Counter[str]()
+            for message in batch:
+                try:
+                    models.append(self.topics.decode(message.topic, message.payload).model)
+                except ProtocolError as exc:
+                    drops[exc.reason] += 1
+            await self.ingest(models, drops)
 
-    async def ingest(self, model: object) -> None:
-        """Store what a node said (SQL, in a thread: never on the loop); publish its new ack watermark."""
-        ack = await asyncio.to_thread(self._store, model)
-        if ack is not None:
-            try:
-                await self.mqtt.publish(*self.topics.outgoing(ack))
-            except MqttError as exc:
-                self._drop(f"ack_{exc.reason}")
+    async def ingest(self, models: Sequence[object], drops: Counter[str] | None = None) -> None:
+        """Store a batch of what nodes said (SQL, in a thread: never on the loop, one transaction for the
+        outbox messages); publish the ack watermarks that moved; step rollouts if a node's state changed."""
+        ingested, wake = await asyncio.to_thread(self._store_batch, models, drops or Counter())
+        self.duplicates += ingested.duplicates
+        acks = [Ack(node=node, seq=seq) for node, seq in ingested.acks.items()]
+        results = await asyncio.gather(
+            *(self.mqtt.publish(*self.topics.outgoing(ack)) for ack in acks), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, MqttError):
+                await asyncio.to_thread(self._drop, f"ack_{result.reason}")
+            elif isinstance(result, BaseException):
+                raise result
+        if wake:
+            self._wake.set()  # telemetry alone waits for the tick: gates judge it over bake windows
         self.changed.set()
 
-    def _store(self, model: object) -> Ack | None:
-        """Record one message; for telemetry and events, the ack to publish when the watermark moved."""
-        if isinstance(model, NodeState):
-            current = self.store.get_node(model.node)
-            decision = state_decision(current.bd_seq if current else None, model)
-            if decision is StateDecision.BIRTH:
-                self.store.record_birth(model.node, model.bd_seq)
-            elif decision is StateDecision.DEATH:
-                self.store.record_death(model.node, model.bd_seq)
-            else:
-                self._drop("late_will")
-        elif isinstance(model, ReportedState):
-            self.store.record_reported(
-                model.node, generation=model.generation, artifact=model.running.artifact_id if model.running else None,
-                ready=model.health.ready, health=model.health.reason, error=model.last_error,
-                facts=model.device.to_facts() if model.device else None, labels=model.labels,
-            )  # fmt: skip
-        elif isinstance(model, Telemetry | Event):
-            kind = "telemetry" if isinstance(model, Telemetry) else "events"
-            sample = TelemetrySample(model.node, model.seq, model.model_dump(mode="json"), kind)
-            self.store.record_telemetry([sample])
-            if isinstance(model, Event) and model.phase is EventPhase.FAILED and model.generation:
-                self.store.record_failure(model.node, model.generation, model.message)
-            if isinstance(model, Event) and model.dropped_first is not None and model.dropped_last is not None:
-                self.store.record_gap(model.node, model.dropped_first, model.dropped_last)
-            before = self.store.ack_watermark(model.node)
-            after = self.store.advance_ack(model.node)
-            if after > before:
-                return Ack(node=model.node, seq=after)
-        return None
+    def _drop(self, reason: str, count: int = 1) -> None:
+        """Count messages dropped (blocking: SQL)."""
+        self.dropped[reason] = self.dropped.get(reason, 0) + count
+        self.store.count_drop("mqtt", reason, count)
+
+    def _store_batch(self, models: Sequence[object], drops: Counter[str]) -> tuple[Ingested, bool]:
+        """Record one batch (in the ingest thread); returns what the outbox messages did, and whether a
+        node's state changed (a rollout may move)."""
+        for reason, count in drops.items():
+            self._drop(reason, count)
+        samples: list[TelemetrySample] = []
+        gaps: list[Gap] = []
+        failures: list[Failure] = []
+        wake = False
+        for model in models:
+            self.ingested[_KINDS.get(type(model), "other")] += 1
+            if isinstance(model, NodeState):
+                wake |= self._store_state(model)
+            elif isinstance(model, ReportedState):
+                self.store.record_reported(
+                    model.node, generation=model.generation,
+                    artifact=model.running.artifact_id if model.running else None, ready=model.health.ready,
+                    health=model.health.reason, error=model.last_error,
+                    facts=model.device.to_facts() if model.device else None, labels=model.labels,
+                )  # fmt: skip
+                wake = True
+            elif isinstance(model, Telemetry | Event):
+                kind = "telemetry" if isinstance(model, Telemetry) else "events"
+                samples.append(TelemetrySample(model.node, model.seq, model.model_dump(mode="json"), kind))
+                if isinstance(model, Event):
+                    wake = True
+                    if model.phase is EventPhase.FAILED and model.generation:
+                        failures.append(Failure(model.node, model.generation, model.message))
+                    if model.dropped_first is not None and model.dropped_last is not None:
+                        gaps.append(Gap(model.node, model.dropped_first, model.dropped_last))
+        if not (samples or gaps or failures):
+            return Ingested(new=0, duplicates=0, acks={}), wake
+        return self.store.ingest(samples, gaps, failures), wake
+
+    def _store_state(self, model: NodeState) -> bool:
+        current = self.store.get_node(model.node)
+        decision = state_decision(current.bd_seq if current else None, model)
+        if decision is StateDecision.BIRTH:
+            self.store.record_birth(model.node, model.bd_seq)
+        elif decision is StateDecision.DEATH:
+            self.store.record_death(model.node, model.bd_seq)
+        else:
+            self._drop("late_will")
+            return False
+        return True

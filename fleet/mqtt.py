@@ -261,6 +261,11 @@ class MqttClient:
             return dict(self._counters)
 
     @property
+    def backlog(self) -> int:
+        """Received messages the consumer has not taken yet (at most ``queue_limit``)."""
+        return self._queue.qsize()
+
+    @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
@@ -380,6 +385,26 @@ class MqttClient:
                 self._queue.put_nowait(None)  # for any other iterator
                 return
             yield message
+
+    async def batches(self, max_messages: int) -> AsyncIterator[list[Message]]:
+        """Received messages in arrival order, as lists of what has arrived by the time the consumer
+        asks (at least one, at most ``max_messages``), until the client is closed. A consumer that
+        stores in batches keeps up with a rate that one transaction per message cannot."""
+        if max_messages < 1:
+            raise ValueError("max_messages must be at least 1")
+        while True:
+            batch: list[Message] = []
+            message = await self._queue.get()
+            while message is not None:
+                batch.append(message)
+                if len(batch) >= max_messages or self._queue.empty():
+                    break
+                message = self._queue.get_nowait()
+            if batch:
+                yield batch
+            if message is None:
+                self._queue.put_nowait(None)  # for any other iterator
+                return
 
     async def abort(self, *, hang: bool = False) -> None:
         """Drop the connection without DISCONNECT, like a crash, so the broker publishes the will.

@@ -52,7 +52,7 @@ from quantize.variants import VariantRecipe
 from zimage_edge.device import DeviceFacts
 from zimage_edge.errors import ZimageEdgeError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # A lock held longer than this by another writer (a CLI command beside the running controller) is an
 # error rather than a hang; the controller's own writes (a telemetry batch, a rollout state) commit in
 # milliseconds, so five seconds of waiting means something is stuck.
@@ -94,6 +94,15 @@ nodes = Table(
     Column("online", Boolean, nullable=False),
     Column("bd_seq", BigInteger, nullable=True),  # the birth/death sequence of its current connection
     Column("last_seen", Float, nullable=True),
+    # What the rollout gates read, kept on the row so that stepping a rollout over a thousand nodes is
+    # one query, not one per node: the latest telemetry sample (highest seq) and when it came, and the
+    # worst error rate and p95 of every sample since the node last applied a desired generation or
+    # changed artifact. Worst, not latest: a bad sample followed by good ones before the next rollout
+    # step is still judged; since the change: what the node ran before does not count against the new.
+    Column("telemetry_seq", BigInteger, nullable=True),
+    Column("telemetry_at", Float, nullable=True),  # when the controller received it
+    Column("worst_error_rate", Float, nullable=True),
+    Column("worst_p95_ms", Float, nullable=True),
 )
 
 releases = Table(
@@ -198,9 +207,11 @@ class NodeRecord:
     online: bool
     bd_seq: int | None
     last_seen: float | None
+    # When its latest telemetry came, with the worst gate readings since it last changed what it runs.
+    telemetry: Telemetry | None = None
 
-    def observation(self, telemetry: Telemetry | None = None) -> NodeObservation:
-        """The node as the rollout state machine sees it, with its latest telemetry (read by the controller)."""
+    def observation(self) -> NodeObservation:
+        """The node as the rollout state machine sees it, with its latest telemetry."""
         return NodeObservation(
             node=self.id,
             labels=dict(self.labels),
@@ -211,7 +222,7 @@ class NodeRecord:
             ready=self.ready,
             failed_generation=self.failed_generation,
             error=self.error,
-            telemetry=telemetry,
+            telemetry=self.telemetry,
             last_seen=self.last_seen,
         )
 
@@ -252,6 +263,33 @@ class TelemetrySample:
     seq: int  # per node, from 1, never reused (the node's outbox keeps it across restarts)
     payload: Mapping[str, Any]  # the validated message as JSON (the protocol's model, dumped)
     kind: str = TELEMETRY
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Seqs ``first..last`` (inclusive) a node dropped from its outbox: they will never come."""
+
+    node: str
+    first: int
+    last: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The node gave up on a desired generation (its failed event) and serves what it had."""
+
+    node: str
+    generation: int
+    error: str
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """What one ``Store.ingest`` did."""
+
+    new: int  # samples stored
+    duplicates: int  # samples already stored (redelivered), not stored again
+    acks: dict[str, int]  # node -> its ack watermark, for the nodes whose watermark moved
 
 
 @dataclass(frozen=True)
@@ -361,7 +399,8 @@ class Store:
         return {
             "labels": {}, "facts": None, "artifact": None, "reported_generation": 0, "desired_generation": 0,
             "desired_artifact": None, "ready": False, "health": None, "failed_generation": 0, "error": None,
-            "online": False, "bd_seq": None, "last_seen": None,
+            "online": False, "bd_seq": None, "last_seen": None, "telemetry_seq": None, "telemetry_at": None,
+            "worst_error_rate": None, "worst_p95_ms": None,
         }  # fmt: skip
 
     def _upsert_node(self, conn: Connection, node: str, values: Mapping[str, Any]) -> None:
@@ -416,13 +455,27 @@ class Store:
             values["facts"] = facts.to_dict()
         if labels is not None:
             values["labels"] = dict(labels)
+        statement = self._insert(nodes).values(id=node, **{**self._node_defaults(), **values})
+        new = statement.excluded
+        # A new generation applied or another artifact running starts the gate readings afresh.
+        changed = or_(
+            nodes.c.reported_generation != new.reported_generation, nodes.c.artifact.is_distinct_from(new.artifact)
+        )
+        set_: dict[str, Any] = {**{key: new[key] for key in values}}
+        set_["worst_error_rate"] = case((changed, None), else_=nodes.c.worst_error_rate)
+        set_["worst_p95_ms"] = case((changed, None), else_=nodes.c.worst_p95_ms)
         with self.engine.begin() as conn:
-            self._upsert_node(conn, node, values)
+            conn.execute(statement.on_conflict_do_update(index_elements=[nodes.c.id], set_=set_))
 
     def record_failure(self, node: str, generation: int, error: str) -> None:
         """The node gave up on ``generation`` (its failed event says why) and serves what it had."""
+        with self.engine.begin() as conn:
+            self._record_failure(conn, Failure(node, generation, error))
+
+    def _record_failure(self, conn: Connection, failure: Failure) -> None:
         statement = self._insert(nodes).values(
-            id=node, **{**self._node_defaults(), "failed_generation": generation, "error": error}
+            id=failure.node,
+            **{**self._node_defaults(), "failed_generation": failure.generation, "error": failure.error},
         )
         # An older failure arriving late (outbox order across a reconnect) must not hide a newer one.
         newer = statement.excluded.failed_generation > nodes.c.failed_generation
@@ -430,8 +483,7 @@ class Store:
             "failed_generation": case((newer, statement.excluded.failed_generation), else_=nodes.c.failed_generation),
             "error": case((newer, statement.excluded.error), else_=nodes.c.error),
         }
-        with self.engine.begin() as conn:
-            conn.execute(statement.on_conflict_do_update(index_elements=[nodes.c.id], set_=set_))
+        conn.execute(statement.on_conflict_do_update(index_elements=[nodes.c.id], set_=set_))
 
     def record_desired(self, node: str, generation: int, artifact: str | None) -> None:
         """What the controller published to the node's ``desired``, so generations only grow."""
@@ -552,10 +604,82 @@ class Store:
 
     def record_telemetry(self, samples: Sequence[TelemetrySample]) -> int:
         """Store a batch in one transaction; returns how many samples were new (a duplicate is never stored)."""
+        with self.engine.begin() as conn:
+            return len(self._insert_samples(conn, samples, self._clock()))
+
+    def ingest(
+        self, samples: Sequence[TelemetrySample], gaps: Sequence[Gap] = (), failures: Sequence[Failure] = ()
+    ) -> Ingested:
+        """One batch of what nodes sent through their outboxes, in one transaction: the samples (each
+        ``(node, seq)`` once), declared gaps, refusals, each node's latest telemetry, and the ack
+        watermarks moved over what is now stored. Returns the watermarks that moved (to publish)."""
         received_at = self._clock()
+        with self.engine.begin() as conn:
+            inserted = self._insert_samples(conn, samples, received_at)
+            for gap in gaps:
+                self._record_gap(conn, gap)
+            for failure in failures:
+                self._record_failure(conn, failure)
+            self._update_latest(conn, [s for s in samples if (s.node, s.seq) in inserted], received_at)
+            moved = self._advance_acks(conn, {s.node for s in samples} | {g.node for g in gaps})
+        return Ingested(new=len(inserted), duplicates=len(samples) - len(inserted), acks=moved)
+
+    def _advance_acks(self, conn: Connection, touched: set[str]) -> dict[str, int]:
+        """``_advance_ack`` for many nodes in a few queries (one batch touches up to every node of the
+        fleet): their watermarks, their gaps above them, and up to ``ACK_SCAN_CHUNK`` stored seqs above
+        them each; a node with more than that to walk takes the one-node path. Returns the moved ones."""
+        if not touched:
+            return {}
+        names = sorted(touched)
+        before = dict.fromkeys(names, 0)
+        before.update(conn.execute(select(acks.c.node, acks.c.seq).where(acks.c.node.in_(names))).all())
+        spans: dict[str, list[tuple[int, int]]] = {}
+        above_ack = telemetry_gaps.c.last_seq > func.coalesce(acks.c.seq, 0)
+        for node, first, last in conn.execute(
+            select(telemetry_gaps.c.node, telemetry_gaps.c.first_seq, telemetry_gaps.c.last_seq)
+            .select_from(telemetry_gaps.outerjoin(acks, acks.c.node == telemetry_gaps.c.node))
+            .where(telemetry_gaps.c.node.in_(names), above_ack)
+        ):
+            spans.setdefault(node, []).append((first, last))
+        rank = func.row_number().over(partition_by=telemetry.c.node, order_by=telemetry.c.seq).label("rank")
+        above = (
+            select(telemetry.c.node, telemetry.c.seq, rank)
+            .select_from(telemetry.outerjoin(acks, acks.c.node == telemetry.c.node))
+            .where(telemetry.c.node.in_(names), telemetry.c.seq > func.coalesce(acks.c.seq, 0))
+            .subquery()
+        )
+        stored: dict[str, list[int]] = {}
+        for node, seq in conn.execute(
+            select(above.c.node, above.c.seq).where(above.c.rank <= ACK_SCAN_CHUNK).order_by(above.c.node, above.c.seq)
+        ):
+            stored.setdefault(node, []).append(seq)
+        moved: dict[str, int] = {}
+        for node in names:
+            seqs = stored.get(node, [])
+            if len(seqs) >= ACK_SCAN_CHUNK:
+                _, after = self._advance_ack(conn, node)  # a long backlog: walk it in chunks
+            else:
+                after = _walk(before[node], seqs, spans.get(node, []))
+            if after > before[node]:
+                moved[node] = after
+        if not moved:
+            return {}
+        statement = self._insert(acks)
+        # Never backwards, even if another replica moved it further meanwhile.
+        higher = case((acks.c.seq < statement.excluded.seq, statement.excluded.seq), else_=acks.c.seq)
+        conn.execute(
+            statement.on_conflict_do_update(index_elements=[acks.c.node], set_={"seq": higher}),
+            [{"node": node, "seq": seq} for node, seq in moved.items()],
+        )
+        return dict(conn.execute(select(acks.c.node, acks.c.seq).where(acks.c.node.in_(moved))).all())
+
+    def _insert_samples(
+        self, conn: Connection, samples: Sequence[TelemetrySample], received_at: float
+    ) -> set[tuple[str, int]]:
+        """Insert the samples not stored yet; returns the ``(node, seq)`` of those inserted."""
         unique = {(sample.node, sample.seq): sample for sample in reversed(samples)}  # the first copy wins
         if not unique:
-            return 0
+            return set()
         rows = [
             {
                 "node": sample.node,
@@ -569,65 +693,100 @@ class Store:
         statement = (
             self._insert(telemetry)
             .on_conflict_do_nothing(index_elements=[telemetry.c.node, telemetry.c.seq])
-            .returning(telemetry.c.seq)
+            .returning(telemetry.c.node, telemetry.c.seq)
         )
-        with self.engine.begin() as conn:
-            # RETURNING lists only the rows inserted, on SQLite (>= 3.35) and PostgreSQL alike; rowcount
-            # of an executemany is not reliable across drivers.
-            return len(conn.execute(statement, rows).all())
+        # RETURNING lists only the rows inserted, on SQLite (>= 3.35) and PostgreSQL alike; rowcount of
+        # an executemany is not reliable across drivers.
+        return {(row.node, row.seq) for row in conn.execute(statement, rows).all()}
+
+    def _update_latest(self, conn: Connection, samples: Sequence[TelemetrySample], received_at: float) -> None:
+        """Keep each node's latest telemetry, and the worst gate readings since its last change."""
+        rows: dict[str, dict[str, Any]] = {}
+        for sample in samples:
+            if sample.kind != TELEMETRY:
+                continue
+            agent = sample.payload.get("agent") or {}
+            row = rows.setdefault(sample.node, {
+                "id": sample.node, **self._node_defaults(), "telemetry_seq": sample.seq, "telemetry_at": received_at,
+            })  # fmt: skip
+            row["telemetry_seq"] = max(row["telemetry_seq"], sample.seq)
+            row["worst_error_rate"] = _worse(row["worst_error_rate"], agent.get("error_rate"))
+            row["worst_p95_ms"] = _worse(row["worst_p95_ms"], agent.get("latency_p95_ms"))
+        if not rows:
+            return
+        statement = self._insert(nodes)
+        new = statement.excluded
+        newer = or_(nodes.c.telemetry_seq.is_(None), nodes.c.telemetry_seq < new.telemetry_seq)
+        set_ = {
+            "telemetry_seq": case((newer, new.telemetry_seq), else_=nodes.c.telemetry_seq),
+            "telemetry_at": case((newer, new.telemetry_at), else_=nodes.c.telemetry_at),
+            "worst_error_rate": _worse_sql(nodes.c.worst_error_rate, new.worst_error_rate),
+            "worst_p95_ms": _worse_sql(nodes.c.worst_p95_ms, new.worst_p95_ms),
+        }
+        conn.execute(statement.on_conflict_do_update(index_elements=[nodes.c.id], set_=set_), list(rows.values()))
 
     def record_gap(self, node: str, first_seq: int, last_seq: int) -> None:
         """The node dropped ``first_seq..last_seq`` (inclusive) on outbox overflow: they will never come."""
-        if first_seq > last_seq:
-            raise ValueError(f"gap {first_seq}..{last_seq} of {node} is empty")
-        statement = self._insert(telemetry_gaps).values(node=node, first_seq=first_seq, last_seq=last_seq)
+        with self.engine.begin() as conn:
+            self._record_gap(conn, Gap(node, first_seq, last_seq))
+
+    def _record_gap(self, conn: Connection, gap: Gap) -> None:
+        if gap.first > gap.last:
+            raise ValueError(f"gap {gap.first}..{gap.last} of {gap.node} is empty")
+        statement = self._insert(telemetry_gaps).values(node=gap.node, first_seq=gap.first, last_seq=gap.last)
         wider = case(
             (telemetry_gaps.c.last_seq < statement.excluded.last_seq, statement.excluded.last_seq),
             else_=telemetry_gaps.c.last_seq,
         )
-        with self.engine.begin() as conn:
-            conn.execute(
-                statement.on_conflict_do_update(
-                    index_elements=[telemetry_gaps.c.node, telemetry_gaps.c.first_seq], set_={"last_seq": wider}
-                )
+        conn.execute(
+            statement.on_conflict_do_update(
+                index_elements=[telemetry_gaps.c.node, telemetry_gaps.c.first_seq], set_={"last_seq": wider}
             )
+        )
 
     def advance_ack(self, node: str) -> int:
         """Move the node's ack watermark over every contiguous seq now stored or known lost; returns it."""
         with self.engine.begin() as conn:
-            current = conn.execute(select(acks.c.seq).where(acks.c.node == node)).scalar_one_or_none() or 0
-            while True:
-                gap_end = conn.execute(
-                    select(func.max(telemetry_gaps.c.last_seq)).where(
-                        telemetry_gaps.c.node == node,
-                        telemetry_gaps.c.first_seq <= current + 1,
-                        telemetry_gaps.c.last_seq > current,
-                    )
-                ).scalar_one_or_none()
-                if gap_end is not None:
-                    current = gap_end
-                    continue
-                seqs = (
-                    conn.execute(
-                        select(telemetry.c.seq)
-                        .where(telemetry.c.node == node, telemetry.c.seq > current)
-                        .order_by(telemetry.c.seq)
-                        .limit(ACK_SCAN_CHUNK)
-                    )
-                    .scalars()
-                    .all()
+            return self._advance_ack(conn, node)[1]
+
+    def _advance_ack(self, conn: Connection, node: str) -> tuple[int, int]:
+        """``(before, after)``: the watermark as stored, and as moved over what is stored now."""
+        before = conn.execute(select(acks.c.seq).where(acks.c.node == node)).scalar_one_or_none() or 0
+        current = before
+        while True:
+            gap_end = conn.execute(
+                select(func.max(telemetry_gaps.c.last_seq)).where(
+                    telemetry_gaps.c.node == node,
+                    telemetry_gaps.c.first_seq <= current + 1,
+                    telemetry_gaps.c.last_seq > current,
                 )
-                contiguous = 0
-                while contiguous < len(seqs) and seqs[contiguous] == current + 1:
-                    current += 1
-                    contiguous += 1
-                if contiguous == 0:  # a gap nobody declared, or the end of what is stored
-                    break
-            statement = self._insert(acks).values(node=node, seq=current)
-            # Never backwards, even if another replica moved it further meanwhile.
-            higher = case((acks.c.seq < statement.excluded.seq, statement.excluded.seq), else_=acks.c.seq)
-            conn.execute(statement.on_conflict_do_update(index_elements=[acks.c.node], set_={"seq": higher}))
-            return int(conn.execute(select(acks.c.seq).where(acks.c.node == node)).scalar_one())
+            ).scalar_one_or_none()
+            if gap_end is not None:
+                current = gap_end
+                continue
+            seqs = (
+                conn.execute(
+                    select(telemetry.c.seq)
+                    .where(telemetry.c.node == node, telemetry.c.seq > current)
+                    .order_by(telemetry.c.seq)
+                    .limit(ACK_SCAN_CHUNK)
+                )
+                .scalars()
+                .all()
+            )
+            contiguous = 0
+            while contiguous < len(seqs) and seqs[contiguous] == current + 1:
+                current += 1
+                contiguous += 1
+            if contiguous == 0:  # a gap nobody declared, or the end of what is stored
+                break
+        if current == before:
+            return before, before
+        statement = self._insert(acks).values(node=node, seq=current)
+        # Never backwards, even if another replica moved it further meanwhile.
+        higher = case((acks.c.seq < statement.excluded.seq, statement.excluded.seq), else_=acks.c.seq)
+        conn.execute(statement.on_conflict_do_update(index_elements=[acks.c.node], set_={"seq": higher}))
+        return before, int(conn.execute(select(acks.c.seq).where(acks.c.node == node)).scalar_one())
 
     def ack_watermark(self, node: str) -> int:
         """The node's ack watermark as stored (0: nothing acknowledged)."""
@@ -677,6 +836,35 @@ class Store:
         return {(row.source, row.reason): row.dropped for row in rows}
 
 
+def _worse(current: float | None, new: float | None) -> float | None:
+    """The higher of two gate readings; a missing one (no agent metrics) is no reading."""
+    if new is None:
+        return current
+    return new if current is None or new > current else current
+
+
+def _worse_sql(current: ColumnElement[Any], new: ColumnElement[Any]) -> ColumnElement[Any]:
+    """``_worse`` in SQL (SQLite has no GREATEST, and NULL must not win)."""
+    return case((new.is_(None), current), (or_(current.is_(None), current < new), new), else_=current)
+
+
+def _walk(watermark: int, seqs: Sequence[int], gaps: Sequence[tuple[int, int]]) -> int:
+    """The watermark moved over the sorted stored ``seqs`` above it and the declared ``gaps``."""
+    current, index = watermark, 0
+    while True:
+        gap_end = max((last for first, last in gaps if first <= current + 1 < last + 1), default=None)
+        if gap_end is not None and gap_end > current:
+            current = gap_end
+            while index < len(seqs) and seqs[index] <= current:
+                index += 1
+            continue
+        if index < len(seqs) and seqs[index] == current + 1:
+            current += 1
+            index += 1
+            continue
+        return current
+
+
 def _node_record(row: Row[Any]) -> NodeRecord:
     return NodeRecord(
         id=row.id,
@@ -693,4 +881,9 @@ def _node_record(row: Row[Any]) -> NodeRecord:
         online=row.online,
         bd_seq=row.bd_seq,
         last_seen=row.last_seen,
+        telemetry=(
+            Telemetry(at=row.telemetry_at, error_rate=row.worst_error_rate, p95_ms=row.worst_p95_ms)
+            if row.telemetry_at is not None
+            else None
+        ),
     )

@@ -103,7 +103,7 @@ async def test_a_release_rolls_out_in_waves_each_node_on_its_best_variant(fleet,
     by_variant = {v.variant: v.artifact_id for v in release.variants}
     spec = RolloutSpec(release="r1", waves=(1, "100%"), bake_s=0.3, gates=Gates(max_error_rate=0.5),
                        node_timeout_s=WAIT_S)  # fmt: skip
-    state = controller.create_rollout(spec)
+    state = await controller.create_rollout(spec)
     targets = {node.node: node.target for node in state.nodes}
     assert {node: target.variant for node, target in targets.items()} == {
         f"{prefix}-{name}": variant for name, variant in EXPECTED.items()
@@ -196,7 +196,9 @@ async def test_the_status_page_shows_nodes_and_rollout_waves_in_chromium(fleet, 
     await _until(lambda: sum(1 for n in store.list_nodes() if n.facts and n.online) == 3, "three nodes to report")
     directories = [artifacts.get(tiny_model_dir, variant) for variant in ("bf16", "int8-te8", "int4-te8")]
     await asyncio.to_thread(controller.publish_release, "r3", directories)
-    state = controller.create_rollout(RolloutSpec(release="r3", waves=("100%",), bake_s=0.2, node_timeout_s=WAIT_S))
+    state = await controller.create_rollout(
+        RolloutSpec(release="r3", waves=("100%",), bake_s=0.2, node_timeout_s=WAIT_S)
+    )
     await _until(lambda: store.load_rollout(state.id).status is not RolloutStatus.RUNNING, "the rollout")
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -230,7 +232,7 @@ async def test_a_gate_breach_stops_the_rollout_and_rolls_the_node_back(fleet, ti
     await asyncio.to_thread(controller.publish_release, "r4", directories)
     spec = RolloutSpec(release="r4", waves=(1, "100%"), bake_s=3.0, gates=Gates(max_error_rate=0.2),
                        node_timeout_s=WAIT_S)  # fmt: skip
-    state = controller.create_rollout(spec)
+    state = await controller.create_rollout(spec)
     await _until(lambda: agents[first][RUNNER].identity.id != original[first], "the first node to swap")
     agents[first][SWITCH].failing = True  # the new variant fails on this device
     async with aiohttp.ClientSession() as session:

@@ -385,6 +385,30 @@ async def test_a_slow_consumer_drops_are_counted(broker: MosquittoBroker, make_c
     assert [(await next_message(messages)).topic for _ in range(2)] == ["flood/0", "flood/1"]
 
 
+async def test_batches_hold_what_has_arrived_in_order_and_at_most_the_limit(
+    broker: MosquittoBroker, make_client: MakeClient
+) -> None:
+    consumer = make_client(client_settings(broker), unique_id("batch"))
+    await consumer.connect(5)
+    await consumer.subscribe([("many/#", 1)])
+    publisher = make_client(client_settings(broker), unique_id("node"))
+    await publisher.connect(5)
+    for index in range(7):
+        await publisher.publish(f"many/{index}", b"x")
+    # All seven are queued before the consumer asks: they come as 3 + 3 + 1, in arrival order.
+    await wait_until(lambda: consumer.backlog == 7)
+    batches = aiter(consumer.batches(3))
+    sizes, topics = [], []
+    while len(topics) < 7:
+        batch = await within(anext(batches))
+        sizes.append(len(batch))
+        topics += [message.topic for message in batch]
+    assert sizes == [3, 3, 1]
+    assert topics == [f"many/{index}" for index in range(7)]
+    with pytest.raises(ValueError, match="at least 1"):
+        await anext(aiter(consumer.batches(0)))
+
+
 async def test_start_keeps_retrying_until_the_broker_listens(make_broker: MakeBroker, make_client: MakeClient) -> None:
     broker = make_broker()
     settings = client_settings(broker)

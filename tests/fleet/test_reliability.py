@@ -133,7 +133,7 @@ async def test_a_restarted_controller_resumes_its_rollout(
     assert fleet.controller is not None
     await _until(lambda: (n := fleet.store.get_node(node_id)) is not None and n.facts is not None, "the node")
     release = await asyncio.to_thread(fleet.controller.publish_release, "r1", [artifacts.get(tiny_model_dir, "int8")])
-    state = fleet.controller.create_rollout(RolloutSpec(release="r1", waves=("100%",), bake_s=1.0,
+    state = await fleet.controller.create_rollout(RolloutSpec(release="r1", waves=("100%",), bake_s=1.0,
                                                         node_timeout_s=WAIT_S))  # fmt: skip
     await _until(lambda: fleet.store.get_node(node_id).reported_generation >= 1, "the node to install")
     await fleet.stop_controller()  # mid-rollout: the node is baking
@@ -167,7 +167,7 @@ async def test_a_broker_restart_mid_rollout_still_converges(fleet: Fleet, tiny_m
     assert fleet.controller is not None
     await _until(lambda: (n := fleet.store.get_node(node_id)) is not None and n.facts is not None, "the node")
     release = await asyncio.to_thread(fleet.controller.publish_release, "r1", [artifacts.get(tiny_model_dir, "int8")])
-    state = fleet.controller.create_rollout(
+    state = await fleet.controller.create_rollout(
         RolloutSpec(release="r1", waves=("100%",), bake_s=1.0, node_timeout_s=WAIT_S)
     )
     await _until(lambda: fleet.store.get_node(node_id).desired_generation >= 1, "the desired state to go out")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,17 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateTable
 
 from fleet import store as store_module
-from fleet.rollout import Gates, NodePhase, RolloutSpec, RolloutStatus, SetDesired, Target, start, step
-from fleet.store import SchemaVersionError, Store, StoreError, TelemetrySample, metadata
+from fleet.rollout import Gates, NodePhase, RolloutSpec, RolloutStatus, SetDesired, Target, Telemetry, start, step
+from fleet.store import (
+    Failure,
+    Gap,
+    Ingested,
+    SchemaVersionError,
+    Store,
+    StoreError,
+    TelemetrySample,
+    metadata,
+)
 from quantize.manifest import (
     ComponentInfo,
     FileEntry,
@@ -132,6 +142,82 @@ def test_the_ack_walk_crosses_a_backlog_longer_than_one_read(store: Store, monke
     monkeypatch.setattr(store_module, "ACK_SCAN_CHUNK", 3)
     store.record_telemetry(samples("n1", *range(1, 11), 12))
     assert store.advance_ack("n1") == 10
+
+
+def _agent(node: str, seq: int, error_rate: float, p95_ms: float) -> TelemetrySample:
+    return TelemetrySample(node, seq, {"seq": seq, "agent": {"error_rate": error_rate, "latency_p95_ms": p95_ms}})
+
+
+def test_a_batch_is_stored_in_one_go_with_gaps_failures_latest_samples_and_acks(store: Store, clock: Clock) -> None:
+    store.record_birth("n1", bd_seq=1)
+    first = store.ingest([_agent("n1", 1, 0.0, 900.0), _agent("n1", 2, 0.1, 950.0), _agent("n2", 1, 0.0, 700.0)])
+    assert (first.new, first.duplicates, first.acks) == (3, 0, {"n1": 2, "n2": 1})
+    # Redelivered samples are counted, not stored; a watermark that does not move is not announced.
+    clock.now += 1
+    again = store.ingest([_agent("n1", 2, 0.1, 950.0), _agent("n2", 3, 0.5, 5000.0)])
+    assert (again.new, again.duplicates, again.acks) == (1, 1, {})
+    # The latest telemetry the gates read is the highest seq, whenever it arrives.
+    n1, n2 = store.get_node("n1"), store.get_node("n2")
+    assert n1 is not None
+    assert n1.telemetry == Telemetry(at=1000.0, error_rate=0.1, p95_ms=950.0)
+    assert n2 is not None
+    assert n2.telemetry == Telemetry(at=1001.0, error_rate=0.5, p95_ms=5000.0)
+    late = store.ingest([_agent("n2", 2, 0.0, 1.0)])  # seq 2 after 3: fills the hole, is not the latest
+    assert late.acks == {"n2": 3}
+    assert store.get_node("n2").telemetry.p95_ms == 5000.0  # type: ignore[union-attr]
+    # An event sample, a declared gap and a refusal in one batch.
+    event = TelemetrySample("n1", 3, {"kind": "install", "phase": "failed"}, kind="events")
+    done = store.ingest([event], gaps=[Gap("n1", 4, 6)], failures=[Failure("n1", 7, "disk full")])
+    assert done.acks == {"n1": 6}
+    n1 = store.get_node("n1")
+    assert n1 is not None
+    assert (n1.failed_generation, n1.error) == (7, "disk full")
+    assert n1.telemetry is not None
+    assert n1.telemetry.p95_ms == 950.0
+    assert store.ingest([]) == Ingested(new=0, duplicates=0, acks={})
+    # Gate readings are the worst since the node last changed what it runs: a new generation resets them.
+    store.record_reported("n2", generation=0, artifact=None, ready=True)
+    assert store.get_node("n2").telemetry.p95_ms == 5000.0  # type: ignore[union-attr]
+    store.record_reported("n2", generation=1, artifact="a" * 64, ready=True)
+    reset = store.get_node("n2")
+    assert reset is not None
+    assert reset.telemetry == Telemetry(at=1001.0, error_rate=None, p95_ms=None)
+    store.ingest([_agent("n2", 4, 0.0, 600.0)])
+    assert store.get_node("n2").telemetry.p95_ms == 600.0  # type: ignore[union-attr]
+
+
+def test_a_bad_gap_changes_nothing(store: Store) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        store.ingest(samples("n1", 1), gaps=[Gap("n1", 5, 4)])
+    assert store.telemetry_count() == 0
+    assert store.ack_watermark("n1") == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_batch_ack_walk_agrees_with_the_one_node_walk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """Random histories (out of order, redelivered, holes, declared gaps, backlogs over one read): the
+    watermarks ``ingest`` moves in bulk equal what ``advance_ack`` finds node by node."""
+    monkeypatch.setattr(store_module, "ACK_SCAN_CHUNK", 4)
+    rng = random.Random(seed)
+    nodes = [f"n{i}" for i in range(5)]
+    with Store.open(tmp_path / "bulk.db") as bulk, Store.open(tmp_path / "single.db") as single:
+        for _ in range(25):
+            batch = [TelemetrySample(rng.choice(nodes), rng.randint(1, 40), {}) for _ in range(rng.randint(0, 12))]
+            gaps = []
+            if rng.random() < 0.3:
+                first = rng.randint(1, 40)
+                gaps.append(Gap(rng.choice(nodes), first, first + rng.randint(0, 5)))
+            moved = bulk.ingest(batch, gaps=gaps)
+            single.record_telemetry(batch)
+            for gap in gaps:
+                single.record_gap(gap.node, gap.first, gap.last)
+            for node in nodes:
+                before = single.ack_watermark(node)
+                after = single.advance_ack(node)
+                assert moved.acks.get(node, before) == after, (node, batch, gaps)
+                assert bulk.ack_watermark(node) == after
 
 
 def test_a_late_will_does_not_mark_a_reborn_node_offline(store: Store, clock: Clock) -> None:
