@@ -6,9 +6,8 @@ Torch-free.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fleet import rollout as ro
 from fleet.artifact_server import add_artifact_routes
+from fleet.auth import ApiToken, Role, TokenBook
 from fleet.controller import Controller
-from fleet.store import NodeRecord, StoreError
+from fleet.store import NAME_LENGTH, NodeRecord, StoreError
+from quantize.manifest import ArtifactError
 
 # One node first, then a tenth, half, all: a bad variant shows on one site before it reaches many.
 DEFAULT_WAVES: tuple[int | str, ...] = (1, "10%", "50%", "100%")
 CONTROLLER = web.AppKey("controller", Controller)
-TOKEN = web.AppKey("token", str)
+TOKENS = web.AppKey("tokens", TokenBook)
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 # The page is a static shell: the data comes from the API, with the token the operator types into it.
 OPEN_PATHS = frozenset({"/healthz", "/"})
@@ -37,8 +39,9 @@ OPEN_PREFIXES = ("/artifacts/",)  # nodes fetch artifacts without the operators'
 class ReleaseBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=NAME_LENGTH)
     artifacts: list[str] = Field(min_length=1, description="artifact directories on the controller")
+    allow_unsigned: bool = Field(default=False, description="publish artifacts that carry no manifest.sig")
 
 
 class RolloutBody(BaseModel):
@@ -71,8 +74,11 @@ def _error(status: int, code: str, message: str) -> web.Response:
 async def _guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
     if request.path not in OPEN_PATHS and not request.path.startswith(OPEN_PREFIXES):
         presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(presented.encode(), request.app[TOKEN].encode()):
-            return _error(401, "unauthorized", "a bearer token is required (the controller's api_token)")
+        holder = request.app[TOKENS].holder(presented) if presented else None
+        if holder is None:
+            return _error(401, "unauthorized", "a bearer token is required (one of the controller's api_tokens)")
+        if request.method not in READ_METHODS and holder.role is not Role.OPERATOR:
+            return _error(403, "forbidden", f"token {holder.name!r} is read-only; this needs an operator token")
     try:
         return await handler(request)
     except ValidationError as exc:
@@ -81,7 +87,7 @@ async def _guard(request: web.Request, handler: Callable[[web.Request], Awaitabl
         return _error(422, "invalid_request", f"{where}: {first['msg']}")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return _error(400, "invalid_json", f"the body is not valid JSON: {exc}")
-    except (StoreError, ValueError) as exc:
+    except (StoreError, ArtifactError, ValueError) as exc:
         return _error(422, "refused", str(exc))
     except KeyError as exc:
         return _error(404, "not_found", f"no such rollout {exc}")
@@ -192,7 +198,9 @@ async def list_releases(request: web.Request) -> web.Response:
 async def publish(request: web.Request) -> web.Response:
     body = ReleaseBody.model_validate(await request.json())
     controller = request.app[CONTROLLER]
-    release = await asyncio.to_thread(controller.publish_release, body.name, [Path(p) for p in body.artifacts])
+    release = await asyncio.to_thread(
+        controller.publish_release, body.name, [Path(p) for p in body.artifacts], allow_unsigned=body.allow_unsigned
+    )
     return web.json_response({"name": release.name, "variants": {v.variant: v.artifact_id for v in release.variants}},
                              status=201)  # fmt: skip
 
@@ -223,11 +231,12 @@ async def control(request: web.Request) -> web.Response:
 METRICS = web.AppKey("metrics", FleetMetrics)
 
 
-def create_controller_app(controller: Controller, token: str) -> web.Application:
-    """The controller's HTTP server: ``token`` guards everything but probes and artifacts."""
+def create_controller_app(controller: Controller, tokens: Sequence[ApiToken]) -> web.Application:
+    """The controller's HTTP server: ``tokens`` guard everything but probes and artifacts; a read token
+    may GET, an operator token may also change things."""
     app = web.Application(middlewares=[_guard])
     app[CONTROLLER] = controller
-    app[TOKEN] = token
+    app[TOKENS] = TokenBook(tokens)
     app[METRICS] = FleetMetrics()
     add_artifact_routes(app, controller.catalog)
     app.router.add_get("/", status_page)

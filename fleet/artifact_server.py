@@ -45,8 +45,12 @@ class ArtifactCatalog:
     def add(self, directory: Path, trusted: list[Ed25519PublicKey] | None = None) -> Manifest:
         """Verify ``directory`` (hashes, and the signature with trusted keys) and register it (blocking)."""
         manifest, _key = verify_artifact(Path(directory), trusted)
-        self.entries[manifest.artifact_id] = (Path(directory), manifest)
+        self.add_verified(directory, manifest)
         return manifest
+
+    def add_verified(self, directory: Path, manifest: Manifest) -> None:
+        """Register an artifact the caller has just verified (``verify_artifact``)."""
+        self.entries[manifest.artifact_id] = (Path(directory), manifest)
 
     def locate(self, artifact_id: str, rel: str) -> tuple[Path, str] | None:
         """The file and its sha256 for a request path, or None (unknown artifact, unlisted file)."""

@@ -6,13 +6,13 @@ second, in a directory of its own, so that ``restart()`` (and ``kill()`` then ``
 real broker restart does to persistent sessions and retained messages. Optional: users in a password file,
 an ACL file, and TLS with a self-signed CA made here (clients must be given ``ca_file`` explicitly).
 
-Production sites run their own broker; this class is not how they configure it.
+Production sites run their own broker; the ``users``/``acl``/``tls`` options are not how they configure
+it. With ``pki`` (a directory made by ``fleet.security.init_pki``) the broker runs from the config
+``fleet.security.write_broker_config`` writes, exactly what an operator deploys, on free loopback ports.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import shutil
 import signal
@@ -25,11 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
+from fleet.security import BrokerLimits, BrokerSettings, PkiPaths, init_pki, write_broker_config
 from zimage_edge.errors import ZimageEdgeError
 
 # Mosquitto accepts connections ~15 ms after start on an empty database (notes/infra.md); a database of
@@ -42,10 +38,10 @@ POLL_INTERVAL_S = 0.005
 # A free port is found by binding port 0 and closing it; another process may take it before Mosquitto
 # binds it. Three tries make that race irrelevant in practice.
 PORT_TRIES = 3
-# The test CA and server certificate live as long as a test run or a demo; a day is plenty.
-CERT_VALIDITY = datetime.timedelta(days=1)
 # Lines of the broker's log quoted in an error.
 LOG_TAIL_LINES = 20
+# What Mosquitto (2.0.11, log_type information) logs when a SIGHUP makes it reload.
+RELOAD_LOG_LINE = "Reloading config."
 
 
 class BrokerError(ZimageEdgeError):
@@ -79,66 +75,10 @@ class TlsFiles:
 
 
 def write_self_signed_tls(directory: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1")) -> TlsFiles:
-    """A throwaway CA and a server certificate signed by it, for ``hosts`` (DNS names or IP addresses)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    # Valid from a minute ago: the clocks of client and broker processes on one machine agree, but a
-    # certificate valid "from now" can be refused by a check made within the same second.
-    not_before, not_after = now - datetime.timedelta(minutes=1), now + CERT_VALIDITY
-    # P-256: key generation takes milliseconds (RSA-2048 takes ~0.1 s) and every TLS stack accepts it.
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "zimage-edge test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    files = TlsFiles(directory / "ca.crt", directory / "server.crt", directory / "server.key")
-    files.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    files.cert_file.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    files.key_file.write_bytes(
-        server_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    files.key_file.chmod(0o600)
-    return files
+    """A throwaway CA and a server certificate signed by it, for ``hosts`` (DNS names or IP addresses):
+    ``fleet.security.init_pki`` in a directory of its own (replaced if it exists)."""
+    paths = init_pki(directory, hosts, force=True)
+    return TlsFiles(ca_file=paths.ca_cert, cert_file=paths.server_cert, key_file=paths.server_key)
 
 
 def write_password_file(path: Path, users: Mapping[str, str], binary: str = "mosquitto_passwd") -> Path:
@@ -158,6 +98,9 @@ class MosquittoBroker:
     ``users`` (name -> password) turns anonymous access off; ``acl`` is the text of an ACL file; ``tls``
     serves TLS only, with a CA written to ``workdir/tls/ca.crt`` (``ca_file``). ``extra_config`` lines are
     appended to the config as they are (e.g. ``max_queued_messages 5000``).
+
+    ``pki`` (exclusive with ``users``, ``acl`` and ``tls``) runs the deployable config of that PKI
+    directory: a password listener on ``port`` and a client-certificate listener on ``certificate_port``.
     """
 
     def __init__(
@@ -172,7 +115,12 @@ class MosquittoBroker:
         extra_config: Sequence[str] = (),
         binary: str = "mosquitto",
         start_timeout_s: float = START_TIMEOUT_S,
+        pki: Path | None = None,
+        certificate_port: int | None = None,
+        limits: BrokerLimits | None = None,
     ) -> None:
+        if pki is not None and (users or acl is not None or tls):
+            raise ValueError("pki brings its own users, ACL and TLS: do not pass users, acl or tls with it")
         self.workdir = Path(workdir)
         self.host = host
         self._requested_port = port
@@ -187,6 +135,10 @@ class MosquittoBroker:
         self.config_file = self.workdir / "mosquitto.conf"
         self.log_file = self.workdir / "mosquitto.log"
         self.ca_file: Path | None = None
+        self.pki = Path(pki) if pki is not None else None
+        self._requested_certificate_port = certificate_port
+        self.certificate_port = certificate_port or 0
+        self.limits = limits or BrokerLimits.for_fleet()
         self._process: subprocess.Popen[bytes] | None = None
         self._prepared = False
         self._served = False
@@ -210,15 +162,17 @@ class MosquittoBroker:
         for attempt in range(PORT_TRIES):
             if not self.port:
                 self.port = free_port(self.host)
+            if self.pki is not None and not self.certificate_port:
+                self.certificate_port = free_port(self.host)
             self._write_config()
             try:
                 self._launch()
             except BrokerError:
                 # Only a port picked here and never served may change: clients of a restarted broker
                 # reconnect to the port they know.
-                movable = self._requested_port is None and not self._served
+                movable = self._requested_port is None and self._requested_certificate_port is None and not self._served
                 if movable and attempt + 1 < PORT_TRIES and "Address already in use" in self.log_tail():
-                    self.port = 0
+                    self.port = self.certificate_port = 0
                     continue
                 raise
             self._served = True
@@ -256,6 +210,28 @@ class MosquittoBroker:
         self.stop()
         return self.start()
 
+    def reload(self) -> None:
+        """SIGHUP, and return once the broker has logged that it reloads. Mosquitto 2.0.11 then re-reads its
+        password, ACL and CRL files, drops connected clients whose password no longer matches and applies
+        the new ACL to the others. It logs first and reloads in the same turn of its one-threaded loop, so
+        any connection made after this returns meets the new files."""
+        process = self._process
+        if process is None or process.poll() is not None:
+            raise BrokerError("mosquitto is not running")
+        before = self._log_count(RELOAD_LOG_LINE)
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + self.start_timeout_s
+        while self._log_count(RELOAD_LOG_LINE) <= before:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise BrokerError(f"mosquitto did not reload within {self.start_timeout_s} s:\n{self.log_tail()}")
+            time.sleep(POLL_INTERVAL_S)
+
+    def _log_count(self, text: str) -> int:
+        try:
+            return self.log_file.read_text(errors="replace").count(text)
+        except FileNotFoundError:
+            return 0
+
     def __enter__(self) -> MosquittoBroker:
         return self.start()
 
@@ -286,9 +262,26 @@ class MosquittoBroker:
             (self.workdir / "acl").write_text(self.acl)
         if self.tls:
             self.ca_file = write_self_signed_tls(self.workdir / "tls").ca_file
+        if self.pki is not None:
+            self.ca_file = PkiPaths(self.pki).ca_cert
         self._prepared = True
 
     def _write_config(self) -> None:
+        if self.pki is not None:
+            settings = BrokerSettings(
+                data_dir=self.data_dir,
+                bind=self.host,
+                port=self.port,
+                certificate_port=self.certificate_port,
+                limits=self.limits,
+                # Started as root, Mosquitto would switch to user "mosquitto", who cannot read the workdir.
+                run_as="root" if os.geteuid() == 0 else None,
+            )
+            write_broker_config(self.pki, self.config_file, settings)
+            if self.extra_config:
+                with self.config_file.open("a") as config:
+                    config.write("\n".join(self.extra_config) + "\n")
+            return
         lines = [
             f"listener {self.port} {self.host}",
             "persistence true",
@@ -343,7 +336,9 @@ class MosquittoBroker:
                 code = self._process.returncode
                 self._process = None
                 raise BrokerError(f"mosquitto exited with status {code} at start:\n{self.log_tail()}")
-            if _accepts(self.host, self.port):
+            if _accepts(self.host, self.port) and (
+                not self.certificate_port or _accepts(self.host, self.certificate_port)
+            ):
                 return
             if time.monotonic() > deadline:
                 self.kill()

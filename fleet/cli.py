@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import signal
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fleet.auth import ApiToken, Role
 from fleet.mqtt import MqttSettings
 from fleet.node import NodeConfig
 from zimage_edge.errors import UsageError, ZimageEdgeError
+
+if TYPE_CHECKING:
+    from fleet.security import Credentials
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -38,7 +44,26 @@ class ControllerSettings(BaseModel):
     host: str = Field(default="127.0.0.1", description="address of the HTTP server (API, artifacts, metrics)")
     port: int = Field(default=8700, ge=0, le=65535, description="its port")
     public_url: str | None = Field(default=None, description="how nodes reach that server (default http://host:port)")
-    api_token: SecretStr = Field(description="bearer token of the operators' API")
+    api_token: SecretStr | None = Field(
+        default=None, description="one plain operator token (a small site); prefer api_tokens, stored hashed"
+    )
+    api_tokens: list[ApiToken] = Field(
+        default_factory=list, description="tokens of the REST API by sha256 (zimage-edge hash-key), each with a role"
+    )
+    signing_public_keys: list[Path] = Field(
+        default_factory=list, description="ed25519 public keys (PEM) a published artifact's signature must match"
+    )
+
+    @model_validator(mode="after")
+    def _some_token(self) -> ControllerSettings:
+        if self.api_token is None and not self.api_tokens:
+            raise ValueError("set api_tokens (or api_token): the REST API is never open")
+        return self
+
+    def tokens(self) -> list[ApiToken]:
+        plain = [ApiToken.of("api_token", self.api_token.get_secret_value(), Role.OPERATOR)] if self.api_token else []
+        return [*plain, *self.api_tokens]
+
     mqtt: MqttSettings = Field(default_factory=MqttSettings, description="the broker")
     prefix: str = Field(default="zimage/v1", description="MQTT topic prefix")
 
@@ -128,6 +153,7 @@ def _cmd_controller(args: argparse.Namespace) -> int:
     from fleet.artifact_server import ArtifactCatalog
     from fleet.controller import Controller, ControllerConfig
     from fleet.store import Store
+    from quantize.signing import load_public_keys
 
     settings: ControllerSettings = _validated(ControllerSettings, _read_toml(args.config))
     public = settings.public_url or f"http://{settings.host}:{settings.port}"
@@ -137,11 +163,11 @@ def _cmd_controller(args: argparse.Namespace) -> int:
         controller = Controller(
             ControllerConfig(controller_id=settings.controller_id, prefix=settings.prefix, mqtt=settings.mqtt,
                              artifact_base_url=public),
-            store, ArtifactCatalog(),
+            store, ArtifactCatalog(), trusted_keys=load_public_keys(settings.signing_public_keys),
         )  # fmt: skip
         # Artifacts of the releases already registered are served again after a restart.
         await asyncio.to_thread(controller.restore_catalog)
-        runner = web.AppRunner(create_controller_app(controller, settings.api_token.get_secret_value()))
+        runner = web.AppRunner(create_controller_app(controller, settings.tokens()))
         await runner.setup()
         await web.TCPSite(runner, settings.host, settings.port).start()
         print(f"controller listening on {public}", flush=True)
@@ -191,7 +217,8 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
 def _cmd_publish(args: argparse.Namespace) -> int:
     artifacts = [str(Path(p).resolve()) for p in args.artifacts]
-    data = _api(args, "POST", "/api/v1/releases", {"name": args.release, "artifacts": artifacts})
+    body = {"name": args.release, "artifacts": artifacts, "allow_unsigned": args.allow_unsigned}
+    data = _api(args, "POST", "/api/v1/releases", body)
     _table(f"release {data['name']}", ["variant", "artifact_id"], [[k, v] for k, v in data["variants"].items()])
     return 0
 
@@ -245,6 +272,131 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _bad_values_are_usage_errors() -> Iterator[None]:
+    """The security library raises ValueError for an invalid id, host, prefix or group: the user's input."""
+    try:
+        yield
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _cmd_init_pki(args: argparse.Namespace) -> int:
+    from fleet import security
+
+    with _bad_values_are_usage_errors():
+        paths = security.init_pki(Path(args.directory), args.host or security.DEFAULT_HOSTS, prefix=args.prefix,
+                                  force=args.force)  # fmt: skip
+    print(f"CA and broker certificate in {paths.root} (keep {paths.ca_key.name} offline when you can)")
+    return 0
+
+
+def _print_credentials(credentials: Credentials, what: str, pki: Path) -> None:
+    from fleet.security import DEFAULT_CERTIFICATE_PORT, DEFAULT_PORT, CredentialKind, load_registry
+
+    print(f"{what} {credentials.role} {credentials.identity}: its files are in {credentials.directory}")
+    print("# its [mqtt] settings, once the files are copied to it (adjust the paths):")
+    print("[mqtt]")
+    print(f'host = "{load_registry(pki).hosts[0]}"')
+    print(f'ca_file = "{credentials.ca_file}"')
+    if credentials.kind is CredentialKind.PASSWORD:
+        print(f"port = {DEFAULT_PORT}")
+        print(f'username = "{credentials.identity}"')
+        print(f'password = "..."  # the content of {credentials.directory / "password"}')
+    else:
+        print(f"port = {DEFAULT_CERTIFICATE_PORT}")
+        print(f'cert_file = "{credentials.cert_file}"')
+        print(f'key_file = "{credentials.key_file}"')
+    print("# then send the broker SIGHUP (kill -HUP): it re-reads its password, ACL and CRL files")
+
+
+def _cmd_provision_node(args: argparse.Namespace) -> int:
+    from fleet import security
+
+    kind = security.CredentialKind.CERTIFICATE if args.certificate else security.CredentialKind.PASSWORD
+    provision = security.provision_controller if args.controller else security.provision_node
+    with _bad_values_are_usage_errors():
+        credentials = provision(Path(args.pki), args.node_id, kind)
+    _print_credentials(credentials, "provisioned", Path(args.pki))
+    return 0
+
+
+def _cmd_rotate_node(args: argparse.Namespace) -> int:
+    from fleet import security
+
+    with _bad_values_are_usage_errors():
+        credentials = security.rotate_node(Path(args.pki), args.node_id)
+    _print_credentials(credentials, "new credentials for", Path(args.pki))
+    return 0
+
+
+def _cmd_revoke_node(args: argparse.Namespace) -> int:
+    from fleet import security
+
+    with _bad_values_are_usage_errors():
+        security.revoke_node(Path(args.pki), args.node_id)
+    print(f"revoked {args.node_id}: send the broker SIGHUP (kill -HUP) to apply it")
+    return 0
+
+
+def _cmd_broker_config(args: argparse.Namespace) -> int:
+    from fleet import security
+
+    with _bad_values_are_usage_errors():
+        settings = security.BrokerSettings(
+            data_dir=Path(args.data_dir).resolve(), bind=args.bind, port=args.port,
+            certificate_port=None if args.no_certificate_listener else args.certificate_port,
+            limits=security.BrokerLimits.for_fleet(args.fleet_size), run_as=args.user, group=args.group,
+        )  # fmt: skip
+        files = security.write_broker_config(Path(args.pki), Path(args.out), settings)
+    print(f"wrote {files.config} and, beside it, the password, ACL, CRL and TLS files it names")
+    return 0
+
+
+def _security_parsers(fleet_sub: argparse._SubParsersAction) -> None:
+    from fleet.security import DEFAULT_CERTIFICATE_PORT, DEFAULT_FLEET_SIZE, DEFAULT_PORT
+    from fleet.security import DEFAULT_PREFIX as PREFIX
+
+    init = fleet_sub.add_parser("init-pki", help="make the site's CA and the broker's TLS certificate")
+    init.add_argument("directory", help="the PKI directory (holds the CA key: keep it safe)")
+    init.add_argument("--host", action="append", help="a name or address the broker is reached at (repeat; "
+                      "default localhost and 127.0.0.1)")  # fmt: skip
+    init.add_argument("--prefix", default=PREFIX, help=f"MQTT topic prefix the ACL is for (default {PREFIX})")
+    init.add_argument("--force", action="store_true", help="replace an existing PKI (voids every credential)")
+    init.set_defaults(handler=_cmd_init_pki)
+
+    prov = fleet_sub.add_parser("provision-node", help="credentials for a node (or a controller)")
+    prov.add_argument("node_id", help="the node id (its broker user name and certificate CN)")
+    prov.add_argument("--pki", required=True, help="the PKI directory")
+    prov.add_argument("--certificate", action="store_true", help="a client certificate instead of a password")
+    prov.add_argument("--controller", action="store_true", help="a controller: reads all nodes, writes desired/ack")
+    prov.set_defaults(handler=_cmd_provision_node)
+
+    changes = (
+        ("rotate-node", _cmd_rotate_node, "new credentials; the old stop working once the broker reloads"),
+        ("revoke-node", _cmd_revoke_node, "revoke a node's (or a controller's) credentials"),
+    )
+    for name, handler, text in changes:
+        parser = fleet_sub.add_parser(name, help=text)
+        parser.add_argument("node_id", help="the node id")
+        parser.add_argument("--pki", required=True, help="the PKI directory")
+        parser.set_defaults(handler=handler)
+
+    conf = fleet_sub.add_parser("broker-config", help="write a locked-down mosquitto.conf and the files it names")
+    conf.add_argument("--pki", required=True, help="the PKI directory")
+    conf.add_argument("--out", required=True, help="the config file to write (its files are written beside it)")
+    conf.add_argument("--bind", help="address to listen on (default every interface)")
+    conf.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"password listener (default {DEFAULT_PORT})")
+    conf.add_argument("--certificate-port", type=int, default=DEFAULT_CERTIFICATE_PORT,
+                      help=f"client-certificate listener (default {DEFAULT_CERTIFICATE_PORT})")  # fmt: skip
+    conf.add_argument("--no-certificate-listener", action="store_true", help="passwords only")
+    conf.add_argument("--data-dir", default="/var/lib/mosquitto", help="persistence location")
+    conf.add_argument("--fleet-size", type=int, default=DEFAULT_FLEET_SIZE, help="nodes the limits are sized for")
+    conf.add_argument("--user", help="user the broker runs as (default: Mosquitto's, 'mosquitto')")
+    conf.add_argument("--group", help="group of the broker's user: its key and password file become 0640 in it")
+    conf.set_defaults(handler=_cmd_broker_config)
+
+
 def _client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="the controller (default ZIMAGE_FLEET_URL or http://127.0.0.1:8700)")
     parser.add_argument("--token", help="its api_token (default ZIMAGE_FLEET_TOKEN)")
@@ -266,6 +418,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pub = fleet_sub.add_parser("publish", help="verify and register artifacts as a release")
     pub.add_argument("artifacts", nargs="+", help="artifact directories (readable by the controller)")
     pub.add_argument("--release", required=True, help="release name")
+    pub.add_argument("--allow-unsigned", action="store_true", help="publish artifacts without a manifest.sig")
     _client_flags(pub)
     pub.set_defaults(handler=_cmd_publish)
 
@@ -297,3 +450,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         parser.add_argument("id", nargs="?" if action == "status" else None, help="rollout id")
         _client_flags(parser)
     ro.set_defaults(handler=_cmd_rollout)
+
+    _security_parsers(fleet_sub)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleet import rollout as ro
@@ -42,7 +43,7 @@ from fleet.protocol import (
     state_decision,
 )
 from fleet.store import Failure, Gap, Ingested, ReleaseRecord, Store, TelemetrySample
-from quantize.manifest import Manifest
+from quantize.manifest import SIGNATURE_NAME, Manifest, verify_artifact
 from zimage_edge.device import DeviceFacts
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ class Controller:
     store: Store
     catalog: ArtifactCatalog
     clock: Callable[[], float] = time.time
+    # Public keys a published artifact's signature must verify against (none: signatures not checked
+    # here, only required to be present; the nodes check them against theirs).
+    trusted_keys: list[Ed25519PublicKey] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
     # Since this process started: messages ingested by topic kind, and redelivered samples (stored once).
     ingested: Counter[str] = field(default_factory=Counter)
@@ -92,14 +96,30 @@ class Controller:
 
     # --- releases and rollouts -----------------------------------------------------------------
 
-    def publish_release(self, name: str, directories: list[Path]) -> ReleaseRecord:
+    def publish_release(self, name: str, directories: list[Path], *, allow_unsigned: bool = False) -> ReleaseRecord:
         """Verify each artifact, serve it, and register the release (blocking: hashes every file).
 
-        The store records where each artifact lies (a ``file://`` URL), so a restarted controller
-        serves its releases again (``restore_catalog``)."""
-        manifests: list[Manifest] = [self.catalog.add(directory) for directory in directories]
+        An artifact must be signed (``manifest.sig``) unless ``allow_unsigned``; with trusted keys
+        configured its signature must verify against one of them. Nodes verify again against their own
+        keys. The store records where each artifact lies (a ``file://`` URL), so a restarted controller
+        serves its releases again (``restore_catalog``). Nothing is registered unless all pass."""
+        signed = {Path(d): (Path(d) / SIGNATURE_NAME).is_file() for d in directories}
+        unsigned = [str(d) for d, is_signed in signed.items() if not is_signed]
+        if unsigned and not allow_unsigned:
+            raise ValueError(
+                f"not signed ({SIGNATURE_NAME} missing): {', '.join(unsigned)}; sign with "
+                "`zimage-edge quantize --sign-key`, or publish with --allow-unsigned"
+            )
+        # A signature present is always checked against the trusted keys; an unsigned artifact the
+        # operator let through is checked for its hashes only.
+        manifests: list[Manifest] = [
+            verify_artifact(Path(d), (self.trusted_keys or None) if signed[Path(d)] else None)[0] for d in directories
+        ]
         where = {m.variant_name: Path(d).resolve().as_uri() for m, d in zip(manifests, directories, strict=True)}
-        return self.store.add_release(name, manifests, where)
+        release = self.store.add_release(name, manifests, where)
+        for directory, manifest in zip(directories, manifests, strict=True):
+            self.catalog.add_verified(Path(directory), manifest)
+        return release
 
     def restore_catalog(self) -> int:
         """Serve the artifacts of every registered release again (after a restart); returns how many."""
@@ -174,8 +194,7 @@ class Controller:
             state = ro.resume(state, now)
         elif verb == "abort":
             decision = ro.abort(state, now)
-            for action in decision.actions:
-                await self._carry_out(decision.state, action)
+            await self._carry_out(decision.state, decision.actions)
             state = decision.state
         else:
             raise ValueError(f"unknown rollout action {verb!r}")
@@ -195,39 +214,45 @@ class Controller:
         observations = await asyncio.to_thread(self._observations) if states else {}
         for state in states:
             decision = ro.step(state, observations, self.clock())
-            for action in decision.actions:
-                await self._carry_out(decision.state, action)
+            await self._carry_out(decision.state, decision.actions)
             if decision.state != state:
                 await asyncio.to_thread(self.store.save_rollout, decision.state)
         self.changed.set()
 
-    async def _carry_out(self, state: ro.RolloutState, action: ro.Action) -> None:
-        if isinstance(action, ro.SetDesired):
-            await self._desire(action.node, action.generation, action.release, action.artifact)
-        elif isinstance(action, ro.Rollback):
-            if action.artifact is None:
-                log.warning("rollback_to_nothing", extra={"event": "rollback_to_nothing", "node": action.node})
-                return
-            await self._desire(action.node, action.generation, state.spec.release, action.artifact)
-        else:
-            log.info("rollout_done", extra={"event": "rollout_done", "rollout": state.id, "status": state.status})
+    async def _carry_out(self, state: ro.RolloutState, actions: Sequence[ro.Action]) -> None:
+        """Carry out one decision's actions: every ``desired`` recorded in one transaction, then published
+        at once (a wave may tell a hundred nodes; one PUBACK round trip after another would take seconds)."""
+        desires: list[DesiredState] = []
+        for action in actions:
+            if isinstance(action, ro.SetDesired):
+                desires.append(self._desired(action.node, action.generation, action.release, action.artifact))
+            elif isinstance(action, ro.Rollback):
+                if action.artifact is None:
+                    log.warning("rollback_to_nothing", extra={"event": "rollback_to_nothing", "node": action.node})
+                    continue
+                desires.append(self._desired(action.node, action.generation, state.spec.release, action.artifact))
+            else:
+                log.info("rollout_done", extra={"event": "rollout_done", "rollout": state.id, "status": state.status})
+        if not desires:
+            return
+        await asyncio.to_thread(
+            self.store.record_desired_many, [(d.node, d.generation, d.artifact_id) for d in desires]
+        )
+        await asyncio.gather(*(self.mqtt.publish(*self.topics.outgoing(desired)) for desired in desires))
 
-    async def _desire(self, node: str, generation: int, release: str, artifact_id: str) -> None:
+    def _desired(self, node: str, generation: int, release: str, artifact_id: str) -> DesiredState:
         url = artifact_url(self.config.artifact_base_url, artifact_id)
         entry = self.catalog.entries.get(artifact_id)
         if entry is not None:
-            desired = DesiredState.for_manifest(
+            return DesiredState.for_manifest(
                 node, generation=generation, release=release, manifest=entry[1], url=url, ts=self.clock()
             )
-        else:
-            # A rollback to what the node ran before this controller knew it (e.g. the model it was
-            # deployed with): the node has it and swaps back without downloading anything.
-            desired = DesiredState(
-                node=node, generation=generation, release=release, variant="previous", artifact_id=artifact_id,
-                url=url, bytes=0, ts=self.clock(),
-            )  # fmt: skip
-        await asyncio.to_thread(self.store.record_desired, node, generation, artifact_id)
-        await self.mqtt.publish(*self.topics.outgoing(desired))
+        # A rollback to what the node ran before this controller knew it (e.g. the model it was deployed
+        # with): the node has it and swaps back without downloading anything.
+        return DesiredState(
+            node=node, generation=generation, release=release, variant="previous", artifact_id=artifact_id,
+            url=url, bytes=0, ts=self.clock(),
+        )  # fmt: skip
 
     # --- MQTT ------------------------------------------------------------------------------------
 

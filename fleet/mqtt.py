@@ -94,6 +94,10 @@ class MqttSettings(BaseModel):
     ca_file: Path | None = Field(default=None, description="CA certificate to verify the broker with; enables TLS")
     username: str | None = Field(default=None, description="user name (the node id, so ACL %u patterns apply)")
     password: SecretStr | None = Field(default=None, description="password for username")
+    cert_file: Path | None = Field(
+        default=None, description="client certificate (PEM) for a broker that requires one; needs ca_file and key_file"
+    )
+    key_file: Path | None = Field(default=None, description="private key (PEM) of cert_file")
     # 30 s: a dead node is seen offline (its will) within 1.5 x keepalive = 45 s, at one PINGREQ per node
     # per 30 s, which is nothing for the broker even at thousands of nodes.
     keepalive_s: int = Field(default=30, ge=1, le=65535, description="MQTT keepalive in seconds")
@@ -116,6 +120,10 @@ class MqttSettings(BaseModel):
             raise ValueError("reconnect_max_s must be at least reconnect_min_s")
         if self.password is not None and self.username is None:
             raise ValueError("a password needs a username")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.cert_file is not None and self.ca_file is None:
+            raise ValueError("a client certificate needs TLS: set ca_file")
         return self
 
 
@@ -163,10 +171,13 @@ class _ClosingSSLSocket(ssl.SSLSocket):
             raise
 
 
-def tls_context(ca_file: Path) -> ssl.SSLContext:
-    """TLS client context trusting ``ca_file`` only: certificate and host name are verified."""
+def tls_context(ca_file: Path, cert_file: Path | None = None, key_file: Path | None = None) -> ssl.SSLContext:
+    """TLS client context trusting ``ca_file`` only: certificate and host name are verified. With
+    ``cert_file`` and ``key_file`` the client shows that certificate to a broker that requires one."""
     context = ssl.create_default_context(cafile=str(ca_file))
     context.sslsocket_class = _ClosingSSLSocket
+    if cert_file is not None:
+        context.load_cert_chain(str(cert_file), None if key_file is None else str(key_file))
     return context
 
 
@@ -243,7 +254,7 @@ class MqttClient:
             password = self.settings.password.get_secret_value() if self.settings.password else None
             client.username_pw_set(self.settings.username, password)
         if self.settings.ca_file is not None:
-            client.tls_set_context(tls_context(self.settings.ca_file))
+            client.tls_set_context(tls_context(self.settings.ca_file, self.settings.cert_file, self.settings.key_file))
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect

@@ -4,20 +4,33 @@ Nothing here is SQLite-only: conflicts are resolved with ``INSERT ... ON CONFLIC
 dialect's own ``insert`` (SQLite and PostgreSQL spell it the same), comparisons use ``CASE`` rather than
 ``max()``/``greatest()``, and times are epoch seconds from the injected clock, not database functions.
 
-There are no migrations yet: the ``meta`` table records the schema version, and a database of another
-version is refused with a clear error rather than half-read (Alembic arrives with the scale-out work).
+The schema is migrated with Alembic (``fleet/migrations``, shipped in the package, run by ``Store.open``
+without an ``alembic.ini``); see ``Store._prepare`` for what it does with the database it is given. The
+``meta`` table keeps the schema version beside Alembic's ``alembic_version``: every revision sets it, so
+a release that predates Alembic (which reads only ``meta``) still refuses a database newer than itself.
+
+Batches of rows are written in key order (nodes by id, samples by node and seq): two controller replicas
+writing overlapping batches to PostgreSQL then lock the rows they share in the same order, rather than
+one being aborted as a deadlock (SQLite locks the whole file per transaction and never deadlocks).
 
 Every method is blocking; an asyncio controller calls them from an executor, never on the event loop.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -39,12 +52,13 @@ from sqlalchemy import (
     event,
     func,
     inspect,
+    make_url,
     or_,
     select,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from fleet.rollout import NodeObservation, ReleaseVariant, RolloutState, RolloutStatus, Telemetry
 from quantize.manifest import Manifest, artifact_id
@@ -52,7 +66,17 @@ from quantize.variants import VariantRecipe
 from zimage_edge.device import DeviceFacts
 from zimage_edge.errors import ZimageEdgeError
 
+# The schema this code reads and writes: the ``schema_version`` of the head revision in fleet/migrations.
 SCHEMA_VERSION = 2
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+# The PostgreSQL advisory lock that controller replicas starting together take around the migration, so
+# that one migrates and the others then find the database at head. Any constant works as long as every
+# release uses the same one: "zimage" in ASCII, then 1.
+MIGRATION_LOCK_KEY = 0x7A696D616765_0001
+# How long a replica waits for another's migration (and a migration for the table locks it needs) before
+# giving up with an error: the migrations so far take well under a second on a fleet of a thousand nodes;
+# a minute means something holds the lock that should not, and a restart is better than a silent hang.
+MIGRATION_LOCK_TIMEOUT_S = 60
 # A lock held longer than this by another writer (a CLI command beside the running controller) is an
 # error rather than a hang; the controller's own writes (a telemetry batch, a rollout state) commit in
 # milliseconds, so five seconds of waiting means something is stuck.
@@ -179,6 +203,10 @@ drops = Table(
     Column("dropped", BigInteger, nullable=False),
 )
 
+# Alembic's ``context`` and ``op`` are process-wide proxies of the migration running now: two stores
+# migrating in one process at once (threads) would run each other's operations. One at a time.
+_MIGRATING = threading.Lock()
+
 # The dialects whose ``insert`` has ``on_conflict_do_nothing``/``_do_update``.
 _INSERTS: dict[str, Callable[[Table], Any]] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
@@ -301,10 +329,69 @@ class TelemetryRecord:
     payload: dict[str, Any]
 
 
+# URL schemes that name PostgreSQL without a driver: SQLAlchemy would pick psycopg2, which is not
+# installed; psycopg 3 is (pyproject.toml). ``postgres://`` is what Heroku-style settings give.
+_POSTGRESQL_SCHEMES = ("postgresql", "postgres")
+
+
 def database_url(database: str | Path) -> str:
-    """A SQLAlchemy URL as given (``postgresql+psycopg://...``), or a SQLite URL for a file path."""
+    """A SQLAlchemy URL as given (``postgresql://`` meaning psycopg 3), or a SQLite URL for a file path."""
     text = str(database)
-    return text if "://" in text else f"sqlite:///{Path(text)}"
+    if "://" not in text:
+        return f"sqlite:///{Path(text)}"
+    url = make_url(text)
+    if url.drivername in _POSTGRESQL_SCHEMES:
+        url = url.set(drivername="postgresql+psycopg")
+    return url.render_as_string(hide_password=False)
+
+
+def alembic_config(connection: Connection | None = None, url: str | None = None) -> Config:
+    """Alembic's configuration for the store's migrations, without an ``alembic.ini``: run on
+    ``connection`` (inside its transaction), or on ``url`` (``alembic`` commands run by hand)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url is not None:
+        config.set_main_option("sqlalchemy.url", database_url(url).replace("%", "%%"))  # configparser syntax
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def schema_revisions(script: ScriptDirectory | None = None) -> dict[int, str]:
+    """Schema version -> the Alembic revision that makes it, from each revision's ``schema_version``."""
+    script = script or ScriptDirectory.from_config(alembic_config())
+    return {revision.module.schema_version: revision.revision for revision in script.walk_revisions()}
+
+
+def _json_dumps(value: Any) -> str:
+    """JSON for the JSON columns, on every engine alike: a non-finite float (a sensor's NaN) becomes null.
+
+    PostgreSQL's JSONB refuses ``NaN`` and ``Infinity`` (they are not JSON), and one such value would fail
+    the whole batch it came in; SQLite stored them as text its own JSON functions reject. null is what
+    pydantic's JSON mode writes for them too.
+    """
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _checked_name(what: str, name: str) -> str:
+    """Names are primary keys of ``NAME_LENGTH`` characters: PostgreSQL refuses a longer one mid-write, and
+    SQLite would keep it; refuse it up front on both, as a ``StoreError`` the API reports as a bad request."""
+    if not 0 < len(name) <= NAME_LENGTH:
+        raise StoreError(f"a {what} name has 1-{NAME_LENGTH} characters, not {len(name)}")
+    return name
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -340,10 +427,14 @@ class Store:
     @classmethod
     def open(cls, database: str | Path, clock: Callable[[], float] = time.time) -> Store:
         """Open (and create, if new) the store at a file path or a database URL."""
-        engine = create_engine(database_url(database))
+        engine = create_engine(database_url(database), json_serializer=_json_dumps)
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
-        return cls(engine, clock)
+        try:
+            return cls(engine, clock)
+        except BaseException:
+            engine.dispose()  # a refused database: close the pool's connections, not leave them to GC
+            raise
 
     def close(self) -> None:
         self.engine.dispose()
@@ -355,41 +446,98 @@ class Store:
         self.close()
 
     def _prepare(self) -> None:
-        with self.engine.begin() as conn:
-            existing = set(inspect(conn).get_table_names())
-            if existing and "meta" not in existing:
-                raise StoreError(
-                    f"{self.engine.url.render_as_string()} holds tables ({', '.join(sorted(existing))}) "
-                    "but no zimage-edge schema version: not a fleet store; give another database"
-                )
-            if "meta" in existing:
-                found = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar_one_or_none()
-                if found is not None:
-                    self._check_version(int(found))
-            metadata.create_all(conn)
-            conn.execute(
-                self._insert(meta)
-                .values(key="schema_version", value=str(SCHEMA_VERSION))
-                .on_conflict_do_nothing(index_elements=[meta.c.key])
-            )
+        """Bring the database to this code's schema, in one transaction under the migration lock.
 
-    def _check_version(self, version: int) -> None:
+        - empty: every migration, from the first (revision 0001 makes schema version 1);
+        - at an Alembic revision this code knows: the migrations after it, keeping the data;
+        - written before Alembic (``meta`` says version 1 or 2, no ``alembic_version``): stamped at the
+          revision of that version, then upgraded like the above;
+        - a ``meta`` version or an Alembic revision newer than this code: ``SchemaVersionError``, nothing
+          changed (it was written by a newer release);
+        - tables but no ``meta``: ``StoreError``, not a fleet store.
+
+        Several replicas opening one database at once: on PostgreSQL each takes an advisory lock
+        (``MIGRATION_LOCK_KEY``) first, so one migrates and the rest find it done; on SQLite the
+        transaction begins ``IMMEDIATE``, taking the file's write lock before it looks at anything.
+        Within one process, stores are prepared one at a time (``_MIGRATING``).
+        """
+        with _MIGRATING, self.engine.begin() as conn:
+            self._lock_for_migration(conn)
+            config = alembic_config(conn)
+            script = ScriptDirectory.from_config(config)
+            existing = set(inspect(conn).get_table_names())
+            if existing:
+                self._adopt(conn, config, script, existing)
+            command.upgrade(config, "head")
+
+    def _lock_for_migration(self, conn: Connection) -> None:
+        """Serialise ``_prepare`` across processes; held until the transaction ends."""
         where = self.engine.url.render_as_string()
-        if version > SCHEMA_VERSION:
+        try:
+            if self.engine.dialect.name == "postgresql":
+                # SET LOCAL: for this transaction only, advisory lock and the migrations' table locks alike.
+                timeout = f"{round(MIGRATION_LOCK_TIMEOUT_S * 1000)}ms"
+                conn.execute(select(func.set_config("lock_timeout", timeout, True)))
+                conn.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
+            else:
+                # pysqlite begins transactions lazily, at the first write; a migrator that looked first
+                # and wrote later could race another one. BEGIN IMMEDIATE takes the write lock now (and
+                # waits up to the busy timeout for it). Readers in WAL mode are not blocked.
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except OperationalError as exc:
+            raise StoreError(
+                f"{where}: another process holds the store's migration lock (another controller starting, "
+                f"or a long write); gave up waiting: {exc.orig}"
+            ) from exc
+
+    def _adopt(self, conn: Connection, config: Config, script: ScriptDirectory, existing: set[str]) -> None:
+        """Check a database that holds tables, and stamp one written before Alembic at its revision."""
+        where = self.engine.url.render_as_string()
+        if "meta" not in existing:
+            raise StoreError(
+                f"{where} holds tables ({', '.join(sorted(existing))}) "
+                "but no zimage-edge schema version: not a fleet store; give another database"
+            )
+        found = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar_one_or_none()
+        if found is None:
+            raise StoreError(f"{where} has a meta table without a schema version: not a fleet store")
+        version = int(found)
+        self._check_version(version)
+        current = MigrationContext.configure(conn).get_current_heads()
+        known = {revision.revision for revision in script.walk_revisions()}
+        if unknown := [revision for revision in current if revision not in known]:
             raise SchemaVersionError(
-                f"{where} has schema version {version}, newer than this zimage-edge's {SCHEMA_VERSION}: "
+                f"{where} is at migration revision {', '.join(unknown)}, which this zimage-edge does not have: "
                 "it was written by a newer release; upgrade zimage-edge to use it"
             )
-        if version < SCHEMA_VERSION:
+        if current:
+            return
+        revisions = schema_revisions(script)
+        if version not in revisions:
             raise SchemaVersionError(
                 f"{where} has schema version {version}, older than this zimage-edge's {SCHEMA_VERSION}, "
                 "and this release has no migration from it"
             )
+        command.stamp(config, revisions[version])
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{self.engine.url.render_as_string()} has schema version {version}, newer than this "
+                f"zimage-edge's {SCHEMA_VERSION}: it was written by a newer release; upgrade zimage-edge to use it"
+            )
 
     @property
     def schema_version(self) -> int:
+        """The schema version the ``meta`` table records."""
         with self.engine.begin() as conn:
             return int(conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar_one())
+
+    @property
+    def revision(self) -> str | None:
+        """The Alembic revision the database is at (``None``: not migrated by Alembic)."""
+        with self.engine.begin() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
 
     # Nodes.
 
@@ -487,8 +635,21 @@ class Store:
 
     def record_desired(self, node: str, generation: int, artifact: str | None) -> None:
         """What the controller published to the node's ``desired``, so generations only grow."""
+        self.record_desired_many([(node, generation, artifact)])
+
+    def record_desired_many(self, desired: Sequence[tuple[str, int, str | None]]) -> None:
+        """``record_desired`` for many nodes, in one transaction."""
+        if not desired:
+            return
+        rows = [
+            {"id": node, **self._node_defaults(), "desired_generation": generation, "desired_artifact": artifact}
+            for node, generation, artifact in sorted(desired, key=lambda row: row[0])  # stable: the last wins
+        ]
+        statement = self._insert(nodes)
+        set_ = {"desired_generation": statement.excluded.desired_generation,
+                "desired_artifact": statement.excluded.desired_artifact}  # fmt: skip
         with self.engine.begin() as conn:
-            self._upsert_node(conn, node, {"desired_generation": generation, "desired_artifact": artifact})
+            conn.execute(statement.on_conflict_do_update(index_elements=[nodes.c.id], set_=set_), rows)
 
     def get_node(self, node: str) -> NodeRecord | None:
         with self.engine.begin() as conn:
@@ -510,6 +671,7 @@ class Store:
         ``urls`` gives an external URL per variant name; a variant without one is served by the
         controller's artifact server.
         """
+        _checked_name("release", name)
         urls = dict(urls or {})
         by_variant = {manifest.variant_name: manifest for manifest in manifests}
         if not manifests:
@@ -575,6 +737,7 @@ class Store:
 
     def save_rollout(self, state: RolloutState) -> None:
         """Insert or update the rollout (the controller saves after every step that changed it)."""
+        _checked_name("rollout", state.id)
         now = self._clock()
         values = {
             "release": state.spec.release, "spec": state.spec.to_dict(), "state": state.to_dict(),
@@ -669,7 +832,7 @@ class Store:
         higher = case((acks.c.seq < statement.excluded.seq, statement.excluded.seq), else_=acks.c.seq)
         conn.execute(
             statement.on_conflict_do_update(index_elements=[acks.c.node], set_={"seq": higher}),
-            [{"node": node, "seq": seq} for node, seq in moved.items()],
+            [{"node": node, "seq": seq} for node, seq in sorted(moved.items())],
         )
         return dict(conn.execute(select(acks.c.node, acks.c.seq).where(acks.c.node.in_(moved))).all())
 
@@ -688,7 +851,7 @@ class Store:
                 "received_at": received_at,
                 "payload": dict(sample.payload),
             }
-            for sample in unique.values()
+            for _, sample in sorted(unique.items())
         ]
         statement = (
             self._insert(telemetry)
@@ -723,7 +886,8 @@ class Store:
             "worst_error_rate": _worse_sql(nodes.c.worst_error_rate, new.worst_error_rate),
             "worst_p95_ms": _worse_sql(nodes.c.worst_p95_ms, new.worst_p95_ms),
         }
-        conn.execute(statement.on_conflict_do_update(index_elements=[nodes.c.id], set_=set_), list(rows.values()))
+        ordered = [rows[node] for node in sorted(rows)]
+        conn.execute(statement.on_conflict_do_update(index_elements=[nodes.c.id], set_=set_), ordered)
 
     def record_gap(self, node: str, first_seq: int, last_seq: int) -> None:
         """The node dropped ``first_seq..last_seq`` (inclusive) on outbox overflow: they will never come."""

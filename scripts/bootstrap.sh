@@ -3,7 +3,8 @@
 #
 #   scripts/bootstrap.sh run    what `make run` needs (a C++ compiler for optimum-quanto's kernels)
 #   scripts/bootstrap.sh test   what `make test` needs as well (Chromium for the web-page tests, Mosquitto
-#                               and its clients for the fleet tests, which run a real broker)
+#                               and its clients for the fleet tests, which run a real broker, and the
+#                               PostgreSQL server, which the store tests run a throwaway cluster of)
 #
 # Called by the Makefile and by CI alike. As root it installs what is missing with apt-get; as anyone
 # else it prints one line with the command to run and exits 1. Nothing is downloaded outside the
@@ -27,6 +28,18 @@ for cmd in "${wanted[@]}"; do
   # sbin too: Debian puts mosquitto in /usr/sbin, which is not on a normal user's PATH.
   PATH="$PATH:/usr/sbin:/usr/local/sbin" command -v "$cmd" >/dev/null 2>&1 || missing+=("${provides[$cmd]}")
 done
+# The PostgreSQL server is not a command on PATH: Debian keeps initdb, pg_ctl and postgres per version
+# under /usr/lib/postgresql/<ver>/bin, which is where fleet/postgres.py looks too.
+have_postgresql() {
+  local bin
+  for bin in /usr/lib/postgresql/*/bin; do
+    [ -x "$bin/initdb" ] && [ -x "$bin/pg_ctl" ] && [ -x "$bin/postgres" ] && return 0
+  done
+  return 1
+}
+if [ "$job" = test ] && ! have_postgresql; then
+  missing+=(postgresql)
+fi
 # venv is a separate package on Debian's python3.
 if command -v python3 >/dev/null 2>&1 && ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
   missing+=(python3-venv)

@@ -71,9 +71,11 @@ class ArtifactFactory:
     def get(self, source: Path, variant: str, *, sign_key=None) -> Path:
         from quantize.build import BuildOptions, build_artifact
         from quantize.quality import QualitySpec
+        from quantize.signing import key_id
         from quantize.variants import get_variant
 
-        key = (str(source), variant + ("-signed" if sign_key else ""))
+        # Signed by which key: the same variant signed by two keys is two artifacts.
+        key = (str(source), variant + (f"-signed-{key_id(sign_key.public_key())}" if sign_key else ""))
         if key not in self.built:
             out = self.root / f"{source.name}-{key[1]}"
             options = BuildOptions(

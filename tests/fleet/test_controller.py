@@ -17,6 +17,7 @@ from edge_agent.runner import default_batch_fn
 from edge_agent.settings import AgentSettings, ApiKey
 from fleet.api import create_controller_app
 from fleet.artifact_server import ArtifactCatalog
+from fleet.auth import ApiToken, Role
 from fleet.broker import free_port
 from fleet.controller import Controller, ControllerConfig
 from fleet.node import Node, NodeConfig
@@ -66,7 +67,10 @@ async def fleet(broker, aiohttp_server, tiny_model_dir: Path, tmp_path: Path):
         store, ArtifactCatalog(),
     )  # fmt: skip
     # The controller's own HTTP server: the operators' API and the artifacts the nodes download.
-    api = await aiohttp_server(create_controller_app(controller, TOKEN), port=port)
+    api = await aiohttp_server(
+        create_controller_app(controller, [ApiToken.of("ops", TOKEN, Role.OPERATOR)]),
+        port=port,
+    )
     stop = asyncio.Event()
     tasks = [asyncio.create_task(controller.run(stop), name="test-controller")]
     agents = {}
@@ -99,7 +103,7 @@ async def test_a_release_rolls_out_in_waves_each_node_on_its_best_variant(fleet,
     controller, store, agents, prefix = fleet
     await _until(lambda: sum(1 for n in store.list_nodes() if n.facts and n.online) == 3, "three nodes to report")
     directories = [artifacts.get(tiny_model_dir, variant) for variant in ("bf16", "int8-te8", "int4-te8")]
-    release = await asyncio.to_thread(controller.publish_release, "r1", directories)
+    release = await asyncio.to_thread(controller.publish_release, "r1", directories, allow_unsigned=True)
     by_variant = {v.variant: v.artifact_id for v in release.variants}
     spec = RolloutSpec(release="r1", waves=(1, "100%"), bake_s=0.3, gates=Gates(max_error_rate=0.5),
                        node_timeout_s=WAIT_S)  # fmt: skip
@@ -144,10 +148,13 @@ async def test_the_operators_api(fleet, tiny_model_dir, artifacts) -> None:
         directories = [str(artifacts.get(tiny_model_dir, v)) for v in ("bf16", "int8-te8", "int4-te8")]
         async with session.post(f"{base}/api/v1/releases", json={"name": "r2", "artifacts": directories},
                                 headers=auth) as response:  # fmt: skip
+            assert response.status == 422
+            assert "not signed" in (await response.json())["error"]["message"]
+        body = {"name": "r2", "artifacts": directories, "allow_unsigned": True}
+        async with session.post(f"{base}/api/v1/releases", json=body, headers=auth) as response:
             assert response.status == 201, await response.text()
             assert set((await response.json())["variants"]) == {"bf16", "int8-te8", "int4-te8"}
-        async with session.post(f"{base}/api/v1/releases", json={"name": "r2", "artifacts": directories},
-                                headers=auth) as response:  # fmt: skip
+        async with session.post(f"{base}/api/v1/releases", json=body, headers=auth) as response:
             assert response.status == 422  # releases never change
         async with session.get(f"{base}/api/v1/nodes?explain=r2", headers=auth) as response:
             nodes = {n["id"]: n for n in (await response.json())["nodes"]}
@@ -195,7 +202,7 @@ async def test_the_status_page_shows_nodes_and_rollout_waves_in_chromium(fleet, 
     controller, store, _agents, prefix = fleet
     await _until(lambda: sum(1 for n in store.list_nodes() if n.facts and n.online) == 3, "three nodes to report")
     directories = [artifacts.get(tiny_model_dir, variant) for variant in ("bf16", "int8-te8", "int4-te8")]
-    await asyncio.to_thread(controller.publish_release, "r3", directories)
+    await asyncio.to_thread(controller.publish_release, "r3", directories, allow_unsigned=True)
     state = await controller.create_rollout(
         RolloutSpec(release="r3", waves=("100%",), bake_s=0.2, node_timeout_s=WAIT_S)
     )
@@ -229,7 +236,7 @@ async def test_a_gate_breach_stops_the_rollout_and_rolls_the_node_back(fleet, ti
     first = f"{prefix}-a10"  # the first wave is one node, the first by id
     original = {node: app[RUNNER].identity.id for node, app in agents.items()}
     directories = [artifacts.get(tiny_model_dir, variant) for variant in ("bf16", "int8-te8", "int4-te8")]
-    await asyncio.to_thread(controller.publish_release, "r4", directories)
+    await asyncio.to_thread(controller.publish_release, "r4", directories, allow_unsigned=True)
     spec = RolloutSpec(release="r4", waves=(1, "100%"), bake_s=3.0, gates=Gates(max_error_rate=0.2),
                        node_timeout_s=WAIT_S)  # fmt: skip
     state = await controller.create_rollout(spec)

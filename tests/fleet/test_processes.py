@@ -50,7 +50,7 @@ def _wait(predicate, what: str) -> None:
 
 
 @pytest.fixture
-def processes(broker, tiny_model_dir: Path, tmp_path: Path) -> Iterator[dict]:
+def processes(broker, tiny_model_dir: Path, signing_keys, tmp_path: Path) -> Iterator[dict]:
     agent_port, controller_port = free_port(), free_port()
     node_id = unique_id("site1")
     env = {**os.environ, "ZIMAGE_LOG_LEVEL": "WARNING"}
@@ -72,6 +72,7 @@ controller_id = "{unique_id("ctl")}"
 database = "{tmp_path / "fleet.db"}"
 port = {controller_port}
 api_token = "{TOKEN}"
+signing_public_keys = ["{signing_keys[2]}"]
 [mqtt]
 host = "{broker.host}"
 port = {broker.port}
@@ -113,13 +114,14 @@ reconnect_max_s = 0.5
             assert proc.wait(timeout=WAIT_S) == 0, proc.args
 
 
-def test_a_real_agent_is_swapped_by_its_node(processes, tiny_model_dir, artifacts, capsys) -> None:
+def test_a_real_agent_is_swapped_by_its_node(processes, tiny_model_dir, artifacts, signing_keys, capsys) -> None:
     controller, agent = processes["controller"], processes["agent"]
     headers = ["--url", controller, "--token", TOKEN]
     _wait(lambda: any(n["online"] and n["device"] for n in _get(f"{controller}/api/v1/nodes", TOKEN)["nodes"]),
           "the node to report to the controller")  # fmt: skip
     _wait(lambda: _get(f"{agent}/readyz")["status"] == "ready", "the agent to be ready")
-    artifact = artifacts.get(tiny_model_dir, "int8-te8")
+    # Signed with the release key the controller trusts (publish refuses an unsigned artifact).
+    artifact = artifacts.get(tiny_model_dir, "int8-te8", sign_key=signing_keys[0])
     assert cli.main(["fleet", "publish", str(artifact), "--release", "r1", *headers]) == 0
     assert "int8-te8" in capsys.readouterr().out
     assert cli.main(["fleet", "nodes", "--explain", "r1", *headers]) == 0

@@ -14,6 +14,7 @@ from edge_agent.keys import RUNNER, STATE
 from edge_agent.settings import AgentSettings, ApiKey
 from fleet.api import create_controller_app
 from fleet.artifact_server import ArtifactCatalog
+from fleet.auth import ApiToken, Role
 from fleet.broker import free_port
 from fleet.controller import Controller, ControllerConfig
 from fleet.node import Node, NodeConfig
@@ -60,7 +61,9 @@ class Fleet:
         self.stop = asyncio.Event()
         self.task = asyncio.create_task(self.controller.run(self.stop), name="test-controller")
         if not hasattr(self, "server"):
-            self.server = await aiohttp_server(create_controller_app(self.controller, "t"), port=self.port)
+            self.server = await aiohttp_server(
+                create_controller_app(self.controller, [ApiToken.of("ops", "t", Role.OPERATOR)]), port=self.port
+            )
         return self.controller
 
     async def stop_controller(self) -> None:
@@ -132,7 +135,9 @@ async def test_a_restarted_controller_resumes_its_rollout(
     node_id = fleet.node.config.node_id
     assert fleet.controller is not None
     await _until(lambda: (n := fleet.store.get_node(node_id)) is not None and n.facts is not None, "the node")
-    release = await asyncio.to_thread(fleet.controller.publish_release, "r1", [artifacts.get(tiny_model_dir, "int8")])
+    release = await asyncio.to_thread(
+        fleet.controller.publish_release, "r1", [artifacts.get(tiny_model_dir, "int8")], allow_unsigned=True
+    )
     state = await fleet.controller.create_rollout(RolloutSpec(release="r1", waves=("100%",), bake_s=1.0,
                                                         node_timeout_s=WAIT_S))  # fmt: skip
     await _until(lambda: fleet.store.get_node(node_id).reported_generation >= 1, "the node to install")
@@ -166,7 +171,9 @@ async def test_a_broker_restart_mid_rollout_still_converges(fleet: Fleet, tiny_m
     node_id = fleet.node.config.node_id
     assert fleet.controller is not None
     await _until(lambda: (n := fleet.store.get_node(node_id)) is not None and n.facts is not None, "the node")
-    release = await asyncio.to_thread(fleet.controller.publish_release, "r1", [artifacts.get(tiny_model_dir, "int8")])
+    release = await asyncio.to_thread(
+        fleet.controller.publish_release, "r1", [artifacts.get(tiny_model_dir, "int8")], allow_unsigned=True
+    )
     state = await fleet.controller.create_rollout(
         RolloutSpec(release="r1", waves=("100%",), bake_s=1.0, node_timeout_s=WAIT_S)
     )

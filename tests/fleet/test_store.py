@@ -1,15 +1,15 @@
-"""The controller's store on a SQLite file: dedup, ack watermarks, restarts, the schema guard."""
+"""The controller's store, every test on a SQLite file and on a PostgreSQL database: dedup, ack
+watermarks, restarts, the schema guard (migrations have their own module, test_store_migrations)."""
 
 from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text, update
-from sqlalchemy.dialects import postgresql
-from sqlalchemy.schema import CreateTable
 
 from fleet import store as store_module
 from fleet.rollout import Gates, NodePhase, RolloutSpec, RolloutStatus, SetDesired, Target, Telemetry, start, step
@@ -21,7 +21,7 @@ from fleet.store import (
     Store,
     StoreError,
     TelemetrySample,
-    metadata,
+    database_url,
 )
 from quantize.manifest import (
     ComponentInfo,
@@ -53,12 +53,13 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "fleet.db"
+def db(make_store_database: Callable[[], str]) -> str:
+    """Where the store lives, on each engine in turn: a SQLite file path or a PostgreSQL URL."""
+    return make_store_database()
 
 
 @pytest.fixture
-def store(db: Path, clock: Clock):
+def store(db: str, clock: Clock):
     with Store.open(db, clock=clock) as opened:
         yield opened
 
@@ -86,8 +87,8 @@ def samples(node: str, *seqs: int) -> list[TelemetrySample]:
     return [TelemetrySample(node, seq, {"seq": seq, "error_rate": 0.0, "p95_ms": 800.5}) for seq in seqs]
 
 
-def test_sqlite_runs_in_wal_with_a_busy_timeout(store: Store) -> None:
-    with store.engine.connect() as conn:
+def test_sqlite_runs_in_wal_with_a_busy_timeout(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "fleet.db") as store, store.engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
         assert conn.execute(text("PRAGMA busy_timeout")).scalar_one() == store_module.SQLITE_BUSY_TIMEOUT_MS
         assert conn.execute(text("PRAGMA foreign_keys")).scalar_one() == 1
@@ -195,14 +196,14 @@ def test_a_bad_gap_changes_nothing(store: Store) -> None:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_the_batch_ack_walk_agrees_with_the_one_node_walk(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+    make_store_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch, seed: int
 ) -> None:
     """Random histories (out of order, redelivered, holes, declared gaps, backlogs over one read): the
     watermarks ``ingest`` moves in bulk equal what ``advance_ack`` finds node by node."""
     monkeypatch.setattr(store_module, "ACK_SCAN_CHUNK", 4)
     rng = random.Random(seed)
     nodes = [f"n{i}" for i in range(5)]
-    with Store.open(tmp_path / "bulk.db") as bulk, Store.open(tmp_path / "single.db") as single:
+    with Store.open(make_store_database()) as bulk, Store.open(make_store_database()) as single:
         for _ in range(25):
             batch = [TelemetrySample(rng.choice(nodes), rng.randint(1, 40), {}) for _ in range(rng.randint(0, 12))]
             gaps = []
@@ -279,7 +280,7 @@ def test_releases_are_immutable_and_carry_their_manifests(store: Store) -> None:
     assert store.get_release("r2") is None
 
 
-def test_rollout_state_survives_a_controller_restart(db: Path, clock: Clock) -> None:
+def test_rollout_state_survives_a_controller_restart(db: str, clock: Clock) -> None:
     target = Target("int8", artifact_id(manifest("int8")))
     spec = RolloutSpec("r1", selector={"site": "a"}, waves=(1, "100%"), bake_s=60.0, gates=Gates(max_error_rate=0.05))
     with Store.open(db, clock=clock) as first:
@@ -315,9 +316,9 @@ def test_rollout_state_survives_a_controller_restart(db: Path, clock: Clock) -> 
             second.save_rollout(start("ro-2", RolloutSpec("nope"), {}, {}, clock.now))
 
 
-def test_a_newer_schema_is_refused(db: Path, clock: Clock) -> None:
+def test_a_newer_schema_is_refused(db: str, clock: Clock) -> None:
     Store.open(db, clock=clock).close()
-    engine = create_engine(f"sqlite:///{db}")
+    engine = create_engine(database_url(db))
     with engine.begin() as conn:
         conn.execute(update(store_module.meta).values(value=str(store_module.SCHEMA_VERSION + 1)))
     engine.dispose()
@@ -325,8 +326,8 @@ def test_a_newer_schema_is_refused(db: Path, clock: Clock) -> None:
         Store.open(db, clock=clock)
 
 
-def test_a_database_that_is_not_a_fleet_store_is_refused(db: Path, clock: Clock) -> None:
-    engine = create_engine(f"sqlite:///{db}")
+def test_a_database_that_is_not_a_fleet_store_is_refused(db: str, clock: Clock) -> None:
+    engine = create_engine(database_url(db))
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE invoices (id INTEGER PRIMARY KEY)"))
     engine.dispose()
@@ -345,9 +346,22 @@ def test_drop_counters_add_up(store: Store) -> None:
     assert store.drop_counts() == {("controller", "malformed"): 3, ("n1", "outbox_overflow"): 40}
 
 
-def test_the_schema_compiles_for_postgresql() -> None:
-    """The same tables on PostgreSQL (issue 11 runs the suite on a real server): JSON becomes JSONB."""
-    dialect = postgresql.dialect()
-    ddl = "\n".join(str(CreateTable(table).compile(dialect=dialect)) for table in metadata.sorted_tables)
-    assert "JSONB" in ddl
-    assert "PRIMARY KEY (node, seq)" in ddl
+def test_numbers_json_cannot_hold_are_stored_as_null(store: Store) -> None:
+    """A sensor's NaN: PostgreSQL's JSONB refuses it (failing the whole batch), so it is null everywhere."""
+    payload = {"system": {"temperatures": {"gpu": float("nan"), "cpu": float("inf"), "board": 41.5}}, "x": [-0.0]}
+    assert store.ingest([TelemetrySample("n1", 1, payload), *samples("n2", 1)]).new == 2
+    latest = store.latest_telemetry("n1")
+    assert latest is not None
+    assert latest.payload == {"system": {"temperatures": {"gpu": None, "cpu": None, "board": 41.5}}, "x": [-0.0]}
+
+
+def test_a_name_longer_than_its_column_is_refused_on_every_engine(store: Store, clock: Clock) -> None:
+    """The API takes release names of up to 200 characters; PostgreSQL would fail the write mid-transaction
+    and SQLite would keep the name: both refuse it, before writing anything."""
+    longest = "r" * store_module.NAME_LENGTH
+    store.add_release(longest, [manifest("int8")])
+    with pytest.raises(StoreError, match="1-128 characters, not 129"):
+        store.add_release(longest + "r", [manifest("int8")])
+    with pytest.raises(StoreError, match="rollout name"):
+        store.save_rollout(start("r" * 129, RolloutSpec(longest), {}, {}, clock.now))
+    assert [release.name for release in store.list_releases()] == [longest]
