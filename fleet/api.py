@@ -115,6 +115,10 @@ class _IngestCounters(Collector):
             ingested.add_metric([kind], n)
         yield ingested
         yield GaugeMetricFamily(
+            "zimage_fleet_leader", "1 while this controller holds the rollout lease (drives rollouts)",
+            value=int(self.controller.leader),
+        )  # fmt: skip
+        yield GaugeMetricFamily(
             "zimage_fleet_ingest_backlog", "messages received from the broker and not stored yet",
             value=self.controller.mqtt.backlog,
         )  # fmt: skip
@@ -160,7 +164,9 @@ async def status_page(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "alive", "mqtt_connected": request.app[CONTROLLER].mqtt.connected})
+    controller = request.app[CONTROLLER]
+    return web.json_response({"status": "alive", "mqtt_connected": controller.mqtt.connected,
+                              "leader": controller.leader})  # fmt: skip
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -66,6 +66,10 @@ class ControllerSettings(BaseModel):
 
     mqtt: MqttSettings = Field(default_factory=MqttSettings, description="the broker")
     prefix: str = Field(default="zimage/v1", description="MQTT topic prefix")
+    replica_group: str | None = Field(
+        default=None, description="run as one of several replicas on a shared database: their MQTT share group"
+    )
+    lease_ttl_s: float = Field(default=15.0, gt=0, description="how long a dead leader's rollout lease lasts")
 
 
 class ClientSettings(BaseSettings):
@@ -162,7 +166,8 @@ def _cmd_controller(args: argparse.Namespace) -> int:
         store = Store.open(settings.database)
         controller = Controller(
             ControllerConfig(controller_id=settings.controller_id, prefix=settings.prefix, mqtt=settings.mqtt,
-                             artifact_base_url=public),
+                             artifact_base_url=public, replica_group=settings.replica_group,
+                             lease_ttl_s=settings.lease_ttl_s),
             store, ArtifactCatalog(), trusted_keys=load_public_keys(settings.signing_public_keys),
         )  # fmt: skip
         # Artifacts of the releases already registered are served again after a restart.

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fleet import rollout as ro
 from fleet.artifact_server import ArtifactCatalog
@@ -45,10 +45,13 @@ from fleet.protocol import (
 from fleet.store import Failure, Gap, Ingested, ReleaseRecord, Store, TelemetrySample
 from quantize.manifest import SIGNATURE_NAME, Manifest, verify_artifact
 from zimage_edge.device import DeviceFacts
+from zimage_edge.errors import ZimageEdgeError
 
 log = logging.getLogger(__name__)
 
 
+# The lease whose holder drives the rollouts (one replica at a time).
+ROLLOUT_LEASE = "rollouts"
 # The topic kind of each message a controller ingests (the label of its ingest counter).
 _KINDS: dict[type, str] = {NodeState: "state", ReportedState: "reported", Telemetry: "telemetry", Event: "events"}
 
@@ -67,6 +70,25 @@ class ControllerConfig(BaseModel):
     min_step_interval_s: float = Field(default=0.25, ge=0, description="least time between two rollout steps")
     # A batch is one transaction (one fsync): a second of telemetry from a thousand nodes fits in one.
     ingest_batch: int = Field(default=2000, ge=1, description="most messages stored in one transaction")
+    replica_group: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="replicas sharing the ingest: the MQTT shared-subscription group (None: one controller)",
+    )  # fmt: skip
+    # Fifteen seconds: a dead leader's rollouts wait at most this long for another replica, which is
+    # nothing next to bake windows of minutes, and a leader renews it every tick, many times over.
+    lease_ttl_s: float = Field(default=15.0, gt=0, description="how long the rollout lease lasts unrenewed")
+
+    @model_validator(mode="after")
+    def _lease_outlives_ticks(self) -> ControllerConfig:
+        if self.lease_ttl_s < 3 * self.tick_s:
+            raise ValueError("lease_ttl_s must be at least three ticks (tick_s), or the leader would lose it")
+        return self
+
+    def mqtt_session(self) -> MqttSettings:
+        """The broker settings this controller connects with: a replica starts a clean session each time."""
+        if self.replica_group is None:
+            return self.mqtt
+        return self.mqtt.model_copy(update={"clean_start": True, "session_expiry_s": 0})
 
 
 @dataclass
@@ -90,9 +112,14 @@ class Controller:
         # One writer of rollout states at a time: a step, an operator's pause/resume/abort, a new rollout.
         self._rollout_lock = asyncio.Lock()
         self.changed = asyncio.Event()  # set after every ingest and step (tests and the status page wait on it)
+        self.subscribed = asyncio.Event()  # the broker has confirmed this controller's subscriptions
+        self.leader = False  # holds the rollout lease (drives rollouts) as of its last tick
+        self._lease_renewed_at: float | None = None
+        self._releases_seen = -1
         self.mqtt = MqttClient(
-            self.config.mqtt, f"controller-{self.config.controller_id}", will=self._will, on_connect=self._on_connect
-        )
+            self.config.mqtt_session(), f"controller-{self.config.controller_id}", will=self._will,
+            on_connect=self._on_connect,
+        )  # fmt: skip
 
     # --- releases and rollouts -----------------------------------------------------------------
 
@@ -126,9 +153,16 @@ class Controller:
         count = 0
         for release in self.store.list_releases():
             for variant in release.variants:
-                if variant.url and variant.url.startswith("file://"):
+                known = variant.artifact_id in self.catalog.entries
+                if known or not variant.url or not variant.url.startswith("file://"):
+                    continue
+                try:
                     self.catalog.add(Path(variant.url.removeprefix("file://")))
-                    count += 1
+                except (ZimageEdgeError, OSError) as exc:  # moved, damaged, or not on this replica's volume
+                    log.warning("artifact_unavailable", extra={"event": "artifact_unavailable",
+                                "artifact": variant.artifact_id, "error": str(exc)})  # fmt: skip
+                    continue
+                count += 1
         return count
 
     def targets(
@@ -269,21 +303,35 @@ class Controller:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.mqtt.start()
-        await self.mqtt.subscribe(
-            [(self.topics.all_nodes(kind), 1) for kind in
-             (TopicKind.STATE, TopicKind.REPORTED, TopicKind.TELEMETRY, TopicKind.EVENTS)]
-        )  # fmt: skip
         tasks = [
             asyncio.create_task(self._receive(), name="controller-receive"),
             asyncio.create_task(self._tick(), name="controller-tick"),
         ]
         try:
+            await self.mqtt.subscribe(self.subscriptions())
+            self.subscribed.set()
             await stop.wait()
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.leader:  # a clean stop hands the rollouts over at once
+                await asyncio.to_thread(self.store.release_lease, ROLLOUT_LEASE, self.config.controller_id)
+                self.leader = False
             await self.mqtt.close(death=self._state(False, self._bd_seq))
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """What this controller reads. Replicas share telemetry and events (the bulk) through an MQTT v5
+        shared subscription, which the broker deals out between them; each reads every ``state`` and
+        ``reported`` itself (few, and retained: a shared subscription gets no retained messages, and a
+        replica that starts must learn every node's state). Writes are idempotent either way."""
+        group = self.config.replica_group
+        shared = {TopicKind.TELEMETRY, TopicKind.EVENTS}
+        filters = []
+        for kind in (TopicKind.STATE, TopicKind.REPORTED, TopicKind.TELEMETRY, TopicKind.EVENTS):
+            topic = self.topics.all_nodes(kind)
+            filters.append((f"$share/{group}/{topic}" if group and kind in shared else topic, 1))
+        return filters
 
     async def _tick(self) -> None:
         while True:
@@ -296,7 +344,34 @@ class Controller:
             # Wakes that come during the pause are served by the step after it (the event stays set).
             await asyncio.sleep(self.config.min_step_interval_s)
             self._wake.clear()
-            await self.step_rollouts()
+            await self._hold_lease()
+            await self._serve_new_releases()
+            if self.leader:
+                await self.step_rollouts()
+            else:
+                self.changed.set()
+
+    async def _hold_lease(self) -> None:
+        """Take or renew the rollout lease: renewed once a third of it has passed (not on every wake)."""
+        now = self.clock()
+        renewed = self._lease_renewed_at
+        if self.leader and renewed is not None and now - renewed < self.config.lease_ttl_s / 3:
+            return
+        leader = await asyncio.to_thread(
+            self.store.acquire_lease, ROLLOUT_LEASE, self.config.controller_id, self.config.lease_ttl_s
+        )
+        if leader != self.leader:
+            log.info("lease", extra={"event": "lease_taken" if leader else "lease_lost",
+                                     "controller": self.config.controller_id})  # fmt: skip
+        self.leader = leader
+        self._lease_renewed_at = now if leader else None
+
+    async def _serve_new_releases(self) -> None:
+        """Serve the artifacts of releases another replica published (they lie on a shared volume)."""
+        count = await asyncio.to_thread(self.store.release_count)
+        if count != self._releases_seen:
+            await asyncio.to_thread(self.restore_catalog)
+            self._releases_seen = count
 
     async def _receive(self) -> None:
         async for batch in self.mqtt.batches(self.config.ingest_batch):

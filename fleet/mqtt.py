@@ -105,6 +105,10 @@ class MqttSettings(BaseModel):
     # max_queued_messages) are delivered on return. Beyond it the retained desired/ack topics still
     # give the node the current state when it resubscribes.
     session_expiry_s: int = Field(default=86_400, ge=0, description="how long the broker keeps the session")
+    # Controller replicas on a shared subscription use clean sessions: a persistent session of a dead
+    # replica keeps its share of the messages queued until it returns (measured, notes/infra.md); the
+    # nodes' outboxes resend whatever was not acknowledged.
+    clean_start: bool = Field(default=False, description="start a fresh session on every connect (no queued messages)")
     # Backoff: half a second first (a broker restart takes ~10 ms, so the first retry usually succeeds),
     # doubling to a minute: a thousand nodes retrying against a broker that is down cost it little.
     reconnect_min_s: float = Field(default=0.5, gt=0, description="first reconnect delay ceiling")
@@ -293,11 +297,12 @@ class MqttClient:
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = self.settings.session_expiry_s
         # clean_start=False on every connect, the first included: Mosquitto persists only such sessions.
+        # (A replica's clean session: True, and a session expiry of 0.)
         self._paho.connect_async(
             self.settings.host,
             self.settings.port,
             keepalive=self.settings.keepalive_s,
-            clean_start=False,
+            clean_start=self.settings.clean_start,
             properties=properties,
         )
         self._paho.loop_start()

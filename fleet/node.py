@@ -74,6 +74,11 @@ class NodeConfig(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict, description="labels for rollout selectors (site, class)")
     outbox_max_rows: int = Field(default=DEFAULT_MAX_ROWS, ge=1, description="outbox bound in messages")
     outbox_max_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1024, description="outbox bound in bytes")
+    # A controller (replica) that dies between taking a message from the broker and storing it leaves a
+    # hole the ack watermark cannot pass, and the broker will not deliver that message again: sent
+    # messages unacknowledged this long, with no ack progress meanwhile, go again (stored once anyway).
+    # A minute: acks normally follow within a second, even at a thousand nodes.
+    resend_after_s: float = Field(default=60.0, gt=0, description="send unacknowledged messages again after")
 
 
 @dataclass
@@ -123,6 +128,7 @@ class Node:
         # Outbox rows published on this connection: a flush sends only newer ones; after a reconnect
         # everything not yet acknowledged goes again (the controller stores each seq once).
         self._sent_upto = 0
+        self._waiting_since: float | None = None  # when sent messages began waiting for an ack (monotonic)
         # Models the agent has served, by artifact_id: a rollback to one of them needs no download
         # (the model it started with may be a plain directory no controller serves).
         self._served: dict[str, str] = {}
@@ -149,6 +155,7 @@ class Node:
         await self.mqtt.publish_message(self._state(True, self._current_bd_seq))
         await self._publish_reported()
         self._sent_upto = 0
+        self._waiting_since = None  # everything goes again now; the wait starts with the flush
         self._wake_flush.set()
 
     async def _publish_reported(self) -> None:
@@ -216,7 +223,9 @@ class Node:
                     self._desired = model
                     self._wake_apply.set()
             elif decoded.kind is TopicKind.ACK and isinstance(model, Ack):
-                await asyncio.to_thread(self.outbox.acknowledge, model.seq)
+                if await asyncio.to_thread(self.outbox.acknowledge, model.seq):
+                    # Progress: whatever is still unacknowledged waits afresh (or nothing waits).
+                    self._waiting_since = time.monotonic() if model.seq < self._sent_upto else None
             elif isinstance(model, NodeState) and not model.online and model.bd_seq != self._current_bd_seq:
                 # A late will of an earlier connection replaced our retained birth: be born again.
                 await self.mqtt.publish_message(self._state(True, self._current_bd_seq))
@@ -234,7 +243,17 @@ class Node:
     async def _telemetry_loop(self) -> None:
         while True:
             await self._telemetry_once()
+            self._resend_if_stuck()
             await asyncio.sleep(self.config.telemetry_interval_s)
+
+    def _resend_if_stuck(self) -> None:
+        """Everything unacknowledged goes again if the acks have not moved for ``resend_after_s``."""
+        since = self._waiting_since
+        if since is not None and time.monotonic() - since >= self.config.resend_after_s:
+            self._count("resent")
+            self._sent_upto = 0
+            self._waiting_since = time.monotonic()
+            self._wake_flush.set()
 
     async def _flush_loop(self) -> None:
         while True:
@@ -290,6 +309,8 @@ class Node:
                 self._count(f"flush_{exc.reason}")
                 return
             self._sent_upto = row.seq
+            if self._waiting_since is None:
+                self._waiting_since = time.monotonic()
         if len(rows) == FLUSH_BATCH:
             self._wake_flush.set()  # more is waiting
 

@@ -94,6 +94,7 @@ class SimNode:
         self.generation = 0
         self.running = RunningModel(artifact_id=BASE_ARTIFACT, variant="base", dtype="bfloat16", device="cuda")
         self.unacked: dict[int, tuple[bytes, float]] = {}  # seq -> (payload, when first published)
+        self.waiting_since: float | None = None  # as fleet.node: sent, unacknowledged, no ack progress since
         self.connected = asyncio.Event()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"node-{node_id}", protocol=paho.MQTTv5)
         self.client.max_inflight_messages_set(fleet.max_inflight)
@@ -185,8 +186,11 @@ class SimNode:
     def _acked(self, seq: int) -> None:
         now = time.monotonic()
         self.stats.acked = max(self.stats.acked, seq)
-        for done in [s for s in self.unacked if s <= seq]:
-            self.fleet.sample_latency(now, now - self.unacked.pop(done)[1])
+        done = [s for s in self.unacked if s <= seq]
+        for acked in done:
+            self.fleet.sample_latency(now, now - self.unacked.pop(acked)[1])
+        if done:
+            self.waiting_since = now if self.unacked else None
 
     # -- what the node says ------------------------------------------------------------------------
 
@@ -209,7 +213,17 @@ class SimNode:
                                  images_generated=seq),
             )
         )  # fmt: skip
-        self.unacked[seq] = (payload, time.monotonic())
+        now = time.monotonic()
+        self.unacked[seq] = (payload, now)
+        if self.waiting_since is None:
+            self.waiting_since = now
+        elif now - self.waiting_since >= self.fleet.resend_after_s:
+            # No ack progress for that long (a controller replica died holding them): send them again.
+            self.waiting_since = now
+            for old_seq in sorted(self.unacked):
+                if old_seq != seq:
+                    self.client.publish(self.fleet.topics.telemetry(self.node_id), self.unacked[old_seq][0], qos=1)
+                    self.stats.published_again += 1
         # Disconnected: paho queues QoS 1 until the reconnect, and _on_connect sends unacked ones too;
         # the controller stores each seq once either way.
         self.client.publish(self.fleet.topics.telemetry(self.node_id), payload, qos=1)
@@ -233,6 +247,7 @@ class SimFleet:
         username_password: tuple[str, str] | None = None,
         site: str = "bench",
         first_index: int = 0,
+        resend_after_s: float = 60.0,
     ) -> None:
         if not node_ids:
             raise ValueError("a simulated fleet needs at least one node")
@@ -244,6 +259,7 @@ class SimFleet:
         self.interval_s = interval_s
         self.keepalive_s, self.session_expiry_s, self.max_inflight = keepalive_s, session_expiry_s, max_inflight
         self.username_password = username_password
+        self.resend_after_s = resend_after_s  # fleet.node.NodeConfig.resend_after_s
         self.stopping = False
         self.errors: list[str] = []
         self.latencies: list[tuple[float, float]] = []  # (when the ack came, time.monotonic; latency)

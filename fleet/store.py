@@ -67,7 +67,7 @@ from zimage_edge.device import DeviceFacts
 from zimage_edge.errors import ZimageEdgeError
 
 # The schema this code reads and writes: the ``schema_version`` of the head revision in fleet/migrations.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 # The PostgreSQL advisory lock that controller replicas starting together take around the migration, so
 # that one migrates and the others then find the database at head. Any constant works as long as every
@@ -193,6 +193,16 @@ acks = Table(
     metadata,
     Column("node", String(NAME_LENGTH), primary_key=True),
     Column("seq", BigInteger, nullable=False),
+)
+
+# Named leases: who holds one and until when (on the holder's clock; replicas need synchronised clocks,
+# which a lease of several ticks tolerates by seconds). One replica at a time drives the rollouts.
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(NAME_LENGTH), nullable=False),
+    Column("expires_at", Float, nullable=False),
 )
 
 drops = Table(
@@ -712,6 +722,10 @@ class Store:
         found = self._releases(releases.c.name == name)
         return found[0] if found else None
 
+    def release_count(self) -> int:
+        with self.engine.begin() as conn:
+            return int(conn.execute(select(func.count()).select_from(releases)).scalar_one())
+
     def list_releases(self) -> list[ReleaseRecord]:
         return self._releases(None)
 
@@ -980,6 +994,39 @@ class Store:
             query = query.where(telemetry.c.kind == kind)
         with self.engine.begin() as conn:
             return int(conn.execute(query).scalar_one())
+
+    # Leases.
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew lease ``name`` for ``ttl_s`` seconds; True if ``holder`` has it now. One statement
+        (an upsert that only replaces a lapsed lease or the holder's own), so two replicas asking at once
+        cannot both win, on SQLite and PostgreSQL alike."""
+        if ttl_s <= 0:
+            raise ValueError(f"lease ttl must be positive, not {ttl_s}")
+        now = self._clock()
+        statement = self._insert(leases).values(name=name, holder=holder, expires_at=now + ttl_s)
+        new = statement.excluded
+        mine_or_lapsed = or_(leases.c.holder == new.holder, leases.c.expires_at < now)
+        with self.engine.begin() as conn:
+            conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[leases.c.name], set_={"holder": new.holder, "expires_at": new.expires_at},
+                    where=mine_or_lapsed,
+                )
+            )  # fmt: skip
+            current = conn.execute(select(leases.c.holder).where(leases.c.name == name)).scalar_one()
+        return bool(current == holder)
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give lease ``name`` up at once if ``holder`` has it (a clean stop: the next replica need not wait)."""
+        with self.engine.begin() as conn:
+            conn.execute(leases.delete().where(leases.c.name == name, leases.c.holder == holder))
+
+    def lease_holder(self, name: str) -> str | None:
+        """Who holds lease ``name`` now (None: nobody, or it lapsed)."""
+        with self.engine.begin() as conn:
+            row = conn.execute(select(leases.c.holder, leases.c.expires_at).where(leases.c.name == name)).first()
+        return row.holder if row is not None and row.expires_at >= self._clock() else None
 
     # Drop counters.
 

@@ -129,6 +129,23 @@ async def test_telemetry_made_while_the_controller_is_down_arrives_after_it_retu
     await _until(lambda: _all_stored(fleet, made), "what was made while the controller was down")
 
 
+@pytest.mark.parametrize("node_options", [{"resend_after_s": 0.5}])
+async def test_messages_a_controller_never_stored_are_sent_again(fleet: Fleet, aiohttp_server) -> None:
+    """The broker delivered them to a controller session that is gone for good (a replica that died, a
+    controller given a new identity): the node is still connected, so only its resend brings them."""
+    node_id = fleet.node.config.node_id
+    await _until(lambda: fleet.store.ack_watermark(node_id) >= 3, "telemetry to flow")
+    await fleet.stop_controller()
+    before = fleet.produced()
+    await _until(lambda: fleet.produced() >= before + 5, "telemetry made while the controller is down")
+    made = fleet.produced()
+    fleet.controller_id = unique_id("ctl-new")  # a fresh session: the old one keeps what was queued for it
+    await fleet.start_controller(aiohttp_server)
+    await _until(lambda: _all_stored(fleet, made), "every seq, the ones stranded in the old session too")
+    assert fleet.node.counters.get("resent", 0) >= 1
+    assert fleet.store.telemetry_count(node_id) >= made
+
+
 async def test_a_restarted_controller_resumes_its_rollout(
     fleet: Fleet, aiohttp_server, tiny_model_dir, artifacts
 ) -> None:
