@@ -3,8 +3,9 @@
 #
 #   scripts/bootstrap.sh run    what `make run` needs (a C++ compiler for optimum-quanto's kernels)
 #   scripts/bootstrap.sh test   what `make test` needs as well (Chromium for the web-page tests, Mosquitto
-#                               and its clients for the fleet tests, which run a real broker, and the
-#                               PostgreSQL server, which the store tests run a throwaway cluster of)
+#                               and its clients for the fleet tests, which run a real broker, the
+#                               PostgreSQL server, which the store tests run a throwaway cluster of, and
+#                               iproute2 for the network-partition test's namespace)
 #
 # Called by the Makefile and by CI alike. As root it installs what is missing with apt-get; as anyone
 # else it prints one line with the command to run and exits 1. Nothing is downloaded outside the
@@ -15,11 +16,11 @@ job=${1:-run}
 # command -> Debian package that provides it
 declare -A provides=(
   [python3]=python3 [g++]=g++ [make]=make [chromium]=chromium
-  [mosquitto]=mosquitto [mosquitto_pub]=mosquitto-clients
+  [mosquitto]=mosquitto [mosquitto_pub]=mosquitto-clients [ip]=iproute2
 )
 case "$job" in
   run) wanted=(python3 g++ make) ;;
-  test) wanted=(python3 g++ make chromium mosquitto mosquitto_pub) ;;
+  test) wanted=(python3 g++ make chromium mosquitto mosquitto_pub ip) ;;
   *) echo "usage: $0 run|test" >&2; exit 2 ;;
 esac
 
