@@ -113,7 +113,6 @@ class Controller:
         self._rollout_lock = asyncio.Lock()
         self.changed = asyncio.Event()  # set after every ingest and step (tests and the status page wait on it)
         self.subscribed = asyncio.Event()  # the broker has confirmed this controller's subscriptions
-        self.leader = False  # holds the rollout lease (drives rollouts) as of its last tick
         self._lease_renewed_at: float | None = None
         self._releases_seen = -1
         self.mqtt = MqttClient(
@@ -317,7 +316,7 @@ class Controller:
             await asyncio.gather(*tasks, return_exceptions=True)
             if self.leader:  # a clean stop hands the rollouts over at once
                 await asyncio.to_thread(self.store.release_lease, ROLLOUT_LEASE, self.config.controller_id)
-                self.leader = False
+                self._lease_renewed_at = None
             await self.mqtt.close(death=self._state(False, self._bd_seq))
 
     def subscriptions(self) -> list[tuple[str, int]]:
@@ -351,20 +350,27 @@ class Controller:
             else:
                 self.changed.set()
 
+    @property
+    def leader(self) -> bool:
+        """Holds the rollout lease now, by its own clock: from before it asked for the lease until a lease
+        time later, which ends no later than the lease in the database (set after it asked), so a
+        replica that stalls stops counting itself leader before another can take over."""
+        renewed = self._lease_renewed_at
+        return renewed is not None and self.clock() < renewed + self.config.lease_ttl_s
+
     async def _hold_lease(self) -> None:
         """Take or renew the rollout lease: renewed once a third of it has passed (not on every wake)."""
         now = self.clock()
-        renewed = self._lease_renewed_at
-        if self.leader and renewed is not None and now - renewed < self.config.lease_ttl_s / 3:
+        was_leader, renewed = self.leader, self._lease_renewed_at
+        if was_leader and renewed is not None and now - renewed < self.config.lease_ttl_s / 3:
             return
         leader = await asyncio.to_thread(
             self.store.acquire_lease, ROLLOUT_LEASE, self.config.controller_id, self.config.lease_ttl_s
         )
-        if leader != self.leader:
+        self._lease_renewed_at = now if leader else None
+        if leader != was_leader:
             log.info("lease", extra={"event": "lease_taken" if leader else "lease_lost",
                                      "controller": self.config.controller_id})  # fmt: skip
-        self.leader = leader
-        self._lease_renewed_at = now if leader else None
 
     async def _serve_new_releases(self) -> None:
         """Serve the artifacts of releases another replica published (they lie on a shared volume)."""

@@ -26,7 +26,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +38,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
+from fleet.mqtt import tls_context
 from fleet.protocol import (
     DEFAULT_PREFIX,
     Ack,
@@ -98,8 +99,10 @@ class SimNode:
         self.connected = asyncio.Event()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"node-{node_id}", protocol=paho.MQTTv5)
         self.client.max_inflight_messages_set(fleet.max_inflight)
-        if fleet.username_password is not None:
-            self.client.username_pw_set(*fleet.username_password)
+        if fleet.tls is not None:
+            self.client.tls_set_context(fleet.tls)
+        if fleet.passwords is not None:  # a site's broker: the node id is the user name
+            self.client.username_pw_set(node_id, fleet.passwords[node_id])
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -244,7 +247,8 @@ class SimFleet:
         keepalive_s: int = 30,
         session_expiry_s: int = 3600,
         max_inflight: int = 20,
-        username_password: tuple[str, str] | None = None,
+        ca_file: Path | None = None,
+        passwords: Mapping[str, str] | None = None,
         site: str = "bench",
         first_index: int = 0,
         resend_after_s: float = 60.0,
@@ -258,7 +262,8 @@ class SimFleet:
         self.host, self.port = host, port
         self.interval_s = interval_s
         self.keepalive_s, self.session_expiry_s, self.max_inflight = keepalive_s, session_expiry_s, max_inflight
-        self.username_password = username_password
+        self.tls = tls_context(ca_file) if ca_file is not None else None  # one context for every node
+        self.passwords = passwords
         self.resend_after_s = resend_after_s  # fleet.node.NodeConfig.resend_after_s
         self.stopping = False
         self.errors: list[str] = []

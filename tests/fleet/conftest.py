@@ -20,6 +20,7 @@ import pytest
 from fleet.broker import BrokerError, MosquittoBroker, find_mosquitto, install_hint
 from fleet.mqtt import Message, MqttClient, MqttSettings
 from fleet.postgres import PostgresError, PostgresServer
+from fleet.security import Credentials, init_pki, provision_controller, provision_node
 
 # Loopback delivery takes milliseconds; 10 s bounds a hang on a machine shared with other test runs.
 DELIVERY_TIMEOUT_S = 10.0
@@ -60,6 +61,40 @@ def make_broker(tmp_path: Path) -> Iterator[MakeBroker]:
 def broker(make_broker: MakeBroker) -> MosquittoBroker:
     """An anonymous broker on a free loopback port."""
     return make_broker()
+
+
+class SecureBroker:
+    """The broker as a site runs it (``fleet.security``): TLS only, no anonymous access, each node held to
+    its own topics by the ACL. Credentials are made on first use of an identity, and the broker then
+    re-reads its password and ACL files (SIGHUP), as an operator's ``provision-node`` is followed by."""
+
+    def __init__(self, broker: MosquittoBroker, pki: Path) -> None:
+        self.broker, self.pki = broker, pki
+        self._made: dict[str, Credentials] = {}
+
+    @property
+    def host(self) -> str:
+        return self.broker.host
+
+    @property
+    def port(self) -> int:
+        return self.broker.port
+
+    def settings(self, identity: str, *, controller: bool = False, **overrides: Any) -> MqttSettings:
+        """Settings for ``identity`` (a node id, or a controller's name with ``controller``)."""
+        if identity not in self._made:
+            made = provision_controller(self.pki, identity) if controller else provision_node(self.pki, identity)
+            self.broker.reload()
+            self._made[identity] = made
+        reconnect = {"reconnect_min_s": TEST_RECONNECT_MIN_S, "reconnect_max_s": TEST_RECONNECT_MAX_S}
+        return self._made[identity].mqtt_settings(self.broker.host, self.broker.port, **(reconnect | overrides))
+
+
+@pytest.fixture
+def secure_broker(make_broker: MakeBroker, tmp_path: Path) -> SecureBroker:
+    """A TLS broker with the fleet's ACLs, run from the config ``zimage-edge fleet broker-config`` writes."""
+    pki = init_pki(tmp_path / "pki")
+    return SecureBroker(make_broker(pki=pki.root), pki.root)
 
 
 def client_settings(broker: MosquittoBroker, **overrides: Any) -> MqttSettings:

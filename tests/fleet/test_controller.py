@@ -24,7 +24,7 @@ from fleet.node import Node, NodeConfig
 from fleet.rollout import Gates, RolloutSpec, RolloutStatus
 from fleet.store import Store
 from quantize.profiles import PROFILES
-from tests.fleet.conftest import client_settings, unique_id, within
+from tests.fleet.conftest import unique_id, within
 
 TOKEN = "operator-token"
 KEYS = [{"name": "node", "sha256": ApiKey.hash("node-secret"), "admin": True}]
@@ -58,11 +58,11 @@ async def _until(predicate, what: str) -> None:
 
 
 @pytest.fixture
-async def fleet(broker, aiohttp_server, tiny_model_dir: Path, tmp_path: Path):
+async def fleet(secure_broker, aiohttp_server, tiny_model_dir: Path, tmp_path: Path):
     store = Store.open(tmp_path / "fleet.db")
     port = free_port()
     controller = Controller(
-        ControllerConfig(controller_id=unique_id("ctl"), mqtt=client_settings(broker),
+        ControllerConfig(controller_id=(ctl := unique_id("ctl")), mqtt=secure_broker.settings(ctl, controller=True),
                          artifact_base_url=f"http://127.0.0.1:{port}", tick_s=0.1),
         store, ArtifactCatalog(),
     )  # fmt: skip
@@ -85,7 +85,8 @@ async def fleet(broker, aiohttp_server, tiny_model_dir: Path, tmp_path: Path):
         await asyncio.wait_for(app[STATE].warmed.wait(), WAIT_S)
         agents[f"{prefix}-{name}"] = app
         node = Node(
-            NodeConfig(node_id=f"{prefix}-{name}", mqtt=client_settings(broker), agent_url=str(server.make_url("")),
+            NodeConfig(node_id=f"{prefix}-{name}", mqtt=secure_broker.settings(f"{prefix}-{name}"),
+                       agent_url=str(server.make_url("")),
                        agent_key="node-secret", store_dir=tmp_path / name, telemetry_interval_s=0.1,
                        labels={"site": name}),
             facts=PROFILES[profile].facts(),

@@ -20,7 +20,7 @@ from fleet.model_store import artifact_url
 from fleet.node import Node, NodeConfig
 from fleet.protocol import DesiredState, Event, EventPhase, ReportedState, Telemetry, Topics
 from tests.conftest import CPU_FACTS
-from tests.fleet.conftest import client_settings, unique_id, wait_until, within
+from tests.fleet.conftest import unique_id, wait_until, within
 
 KEYS = [{"name": "node", "sha256": ApiKey.hash("node-secret"), "admin": True}]
 WAIT_S = 60
@@ -63,7 +63,7 @@ class Site:
 
 
 @pytest.fixture
-async def site(broker, make_client, aiohttp_server, tiny_model_dir: Path, tmp_path: Path):
+async def site(secure_broker, make_client, aiohttp_server, tiny_model_dir: Path, tmp_path: Path):
     agent_app = create_app(AgentSettings(model=str(tiny_model_dir), api_keys=KEYS))
     agent_server = await aiohttp_server(agent_app)
     await asyncio.wait_for(agent_app[STATE].warmed.wait(), WAIT_S)
@@ -73,12 +73,13 @@ async def site(broker, make_client, aiohttp_server, tiny_model_dir: Path, tmp_pa
     artifacts_server = await aiohttp_server(artifacts_app)
     node_id = unique_id("node")
     config = NodeConfig(
-        node_id=node_id, mqtt=client_settings(broker), agent_url=str(agent_server.make_url("")),
+        node_id=node_id, mqtt=secure_broker.settings(node_id), agent_url=str(agent_server.make_url("")),
         agent_key="node-secret", store_dir=tmp_path / "store", telemetry_interval_s=0.2,
         labels={"site": "lab", "class": "cpu"},
     )  # fmt: skip
     node = Node(config, facts=CPU_FACTS)
-    controller = make_client(client_settings(broker), unique_id("controller"))
+    controller_id = unique_id("controller")
+    controller = make_client(secure_broker.settings(controller_id, controller=True), controller_id)
     await controller.start()
     topics = Topics()
     await controller.subscribe([(topics.reported(node_id), 1), (topics.events(node_id), 1),

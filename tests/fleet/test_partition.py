@@ -2,7 +2,8 @@
 does not wait for it longer than its node timeout, and when the link comes back the telemetry it made
 meanwhile arrives in full.
 
-The node is a real ``zimage-edge node`` process inside the namespace (no agent beside it: it reports the
+The broker is the site's (TLS, credentials, ACLs: ``fleet.security``). The node is a real
+``zimage-edge node`` process inside the namespace (no agent beside it: it reports the
 agent unreachable, which is all this test needs); the broker and the controller live outside, reached
 over a veth pair whose outer end is switched off and on. Needs root and iproute2 (``ip``), as the
 fleet's other system tests need Mosquitto: a missing one fails with the command that installs it."""
@@ -26,8 +27,8 @@ import pytest
 
 from fleet.artifact_server import ArtifactCatalog
 from fleet.controller import Controller, ControllerConfig
-from fleet.mqtt import MqttSettings
 from fleet.rollout import NodePhase, OnTimeout, RolloutSpec, RolloutStatus
+from fleet.security import init_pki, provision_controller, provision_node
 from fleet.store import Store
 from tests.fleet.conftest import TEST_RECONNECT_MAX_S, TEST_RECONNECT_MIN_S, unique_id
 
@@ -99,15 +100,24 @@ def _produced(outbox: Path) -> int:
 async def test_a_partitioned_node_goes_offline_times_out_and_its_telemetry_arrives_after(
     link: Link, make_broker, tiny_model_dir, artifacts, tmp_path: Path
 ) -> None:
-    broker = make_broker(host=link.host_ip)
-    mqtt = MqttSettings(host=link.host_ip, port=broker.port, keepalive_s=KEEPALIVE_S,
-                        reconnect_min_s=TEST_RECONNECT_MIN_S, reconnect_max_s=TEST_RECONNECT_MAX_S)  # fmt: skip
-    node_id = unique_id("cut")
+    # The site's broker: TLS for the address the node reaches it at; the node and the controller provisioned.
+    pki = init_pki(tmp_path / "pki", hosts=(link.host_ip,))
+    node_id, controller_id = unique_id("cut"), unique_id("ctl")
+    node_credentials = provision_node(pki.root, node_id)
+    controller_credentials = provision_controller(pki.root, controller_id)
+    broker = make_broker(pki=pki.root, host=link.host_ip)
+    timing = {"keepalive_s": KEEPALIVE_S, "reconnect_min_s": TEST_RECONNECT_MIN_S,
+              "reconnect_max_s": TEST_RECONNECT_MAX_S}  # fmt: skip
+    mqtt = controller_credentials.mqtt_settings(link.host_ip, broker.port, **timing)
+    password = node_credentials.password
+    assert password is not None
     store_dir = tmp_path / "node"
     config = tmp_path / "node.toml"
     config.write_text(
         f'node_id = "{node_id}"\nagent_url = "http://127.0.0.1:9"\nstore_dir = "{store_dir}"\n'
         f'telemetry_interval_s = 0.1\n[mqtt]\nhost = "{link.host_ip}"\nport = {broker.port}\n'
+        f'ca_file = "{node_credentials.ca_file}"\nusername = "{node_id}"\n'
+        f'password = "{password.get_secret_value()}"\n'
         f"keepalive_s = {KEEPALIVE_S}\nreconnect_min_s = {TEST_RECONNECT_MIN_S}\n"
         f"reconnect_max_s = {TEST_RECONNECT_MAX_S}\n"
     )
@@ -118,7 +128,7 @@ async def test_a_partitioned_node_goes_offline_times_out_and_its_telemetry_arriv
     )  # fmt: skip
     store = Store.open(tmp_path / "fleet.db")
     controller = Controller(
-        ControllerConfig(controller_id=unique_id("ctl"), mqtt=mqtt, artifact_base_url="http://127.0.0.1:1",
+        ControllerConfig(controller_id=controller_id, mqtt=mqtt, artifact_base_url="http://127.0.0.1:1",
                          tick_s=0.1, min_step_interval_s=0.05),
         store, ArtifactCatalog(),
     )  # fmt: skip

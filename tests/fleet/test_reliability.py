@@ -21,7 +21,7 @@ from fleet.node import Node, NodeConfig
 from fleet.rollout import RolloutSpec, RolloutStatus
 from fleet.store import Store
 from quantize.profiles import PROFILES
-from tests.fleet.conftest import client_settings, unique_id, within
+from tests.fleet.conftest import SecureBroker, unique_id, within
 
 KEYS = [{"name": "node", "sha256": ApiKey.hash("node-secret"), "admin": True}]
 WAIT_S = 120
@@ -37,13 +37,14 @@ async def _until(predicate, what: str) -> None:
 class Fleet:
     """One node with its agent, and a controller that can be stopped and started again on one store."""
 
-    def __init__(self, broker, tmp_path: Path, port: int, agent_url: str, **node: object) -> None:
-        self.broker, self.tmp_path, self.port = broker, tmp_path, port
+    def __init__(self, secure: SecureBroker, tmp_path: Path, port: int, agent_url: str, **node: object) -> None:
+        self.secure, self.broker, self.tmp_path, self.port = secure, secure.broker, tmp_path, port
         self.controller_id = unique_id("ctl")
+        node_id = unique_id("node")
         self.store = Store.open(tmp_path / "fleet.db")
         self.catalog = ArtifactCatalog()
         self.node = Node(
-            NodeConfig(node_id=unique_id("node"), mqtt=client_settings(broker), agent_url=agent_url,
+            NodeConfig(node_id=node_id, mqtt=secure.settings(node_id), agent_url=agent_url,
                        agent_key="node-secret", store_dir=tmp_path / "store", telemetry_interval_s=0.1,
                        **node),
             facts=PROFILES["a10-24gb"].facts(),
@@ -54,7 +55,8 @@ class Fleet:
 
     async def start_controller(self, aiohttp_server) -> Controller:
         self.controller = Controller(
-            ControllerConfig(controller_id=self.controller_id, mqtt=client_settings(self.broker),
+            ControllerConfig(controller_id=self.controller_id,
+                             mqtt=self.secure.settings(self.controller_id, controller=True),
                              artifact_base_url=f"http://127.0.0.1:{self.port}", tick_s=0.1),
             self.store, self.catalog,
         )  # fmt: skip
@@ -81,11 +83,11 @@ def node_options() -> dict[str, object]:
 
 
 @pytest.fixture
-async def fleet(broker, aiohttp_server, tiny_model_dir: Path, tmp_path: Path, node_options):
+async def fleet(secure_broker, aiohttp_server, tiny_model_dir: Path, tmp_path: Path, node_options):
     app = create_app(AgentSettings(model=str(tiny_model_dir), api_keys=KEYS))
     server = await aiohttp_server(app)
     await asyncio.wait_for(app[STATE].warmed.wait(), WAIT_S)
-    the_fleet = Fleet(broker, tmp_path, free_port(), str(server.make_url("")), **node_options)
+    the_fleet = Fleet(secure_broker, tmp_path, free_port(), str(server.make_url("")), **node_options)
     the_fleet.agent_app = app  # type: ignore[attr-defined]
     await the_fleet.start_controller(aiohttp_server)
     yield the_fleet
@@ -172,11 +174,13 @@ async def test_malformed_and_misplaced_payloads_are_counted_and_ignored(fleet: F
     node_id = fleet.node.config.node_id
     # The controller has subscribed once it has heard from the node (junk sent before would miss it).
     await _until(lambda: fleet.store.get_node(node_id) is not None, "the controller to hear from the node")
-    intruder = make_client(client_settings(fleet.broker), unique_id("intruder"))
+    # A node with credentials sending junk on its own topics (the ACL keeps it off everyone else's).
+    intruder_id = unique_id("intruder")
+    intruder = make_client(fleet.secure.settings(intruder_id), intruder_id)
     await intruder.start()
-    await intruder.publish(topics.telemetry(node_id), b"{not json", qos=1)
-    await intruder.publish(topics.telemetry(node_id), b'{"v": 1, "node": "someone-else", "seq": 1}', qos=1)
-    await intruder.publish(topics.reported("other"), b'{"v": 9}', qos=1)
+    await intruder.publish(topics.telemetry(intruder_id), b"{not json", qos=1)
+    await intruder.publish(topics.telemetry(intruder_id), b'{"v": 1, "node": "someone-else", "seq": 1}', qos=1)
+    await intruder.publish(topics.reported(intruder_id), b'{"v": 9}', qos=1)
     await _until(lambda: {"malformed", "version"} <= set(fleet.controller.dropped), "the drops to be counted")
     assert fleet.controller.dropped.get("node_mismatch", 0) + fleet.controller.dropped.get("schema", 0) >= 1
     counts = fleet.store.drop_counts()

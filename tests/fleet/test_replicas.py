@@ -16,7 +16,7 @@ from fleet.controller import Controller, ControllerConfig
 from fleet.rollout import RolloutSpec, RolloutStatus
 from fleet.simulate import SimFleet, node_ids
 from fleet.store import Store
-from tests.fleet.conftest import client_settings, unique_id
+from tests.fleet.conftest import SecureBroker, unique_id
 
 WAIT_S = 60.0
 POLL_S = 0.02  # between looks at the store while waiting: short next to a tick
@@ -60,26 +60,36 @@ def test_one_holder_at_a_time_and_a_lapsed_lease_is_taken(make_store_database: C
             store.acquire_lease("rollouts", "a", ttl_s=0)
 
 
-def _replica(broker, database: str, name: str) -> Controller:
+def _replica(broker: SecureBroker, database: str, name: str) -> Controller:
     config = ControllerConfig(
-        controller_id=name, mqtt=client_settings(broker), artifact_base_url="http://127.0.0.1:1", tick_s=0.1,
-        min_step_interval_s=0.05, replica_group="controllers", lease_ttl_s=LEASE_S,
+        controller_id=name, mqtt=broker.settings(name, controller=True), artifact_base_url="http://127.0.0.1:1",
+        tick_s=0.1, min_step_interval_s=0.05, replica_group="controllers", lease_ttl_s=LEASE_S,
     )  # fmt: skip
     return Controller(config, Store.open(database), ArtifactCatalog())
 
 
+def _sim_fleet(broker: SecureBroker, count: int) -> SimFleet:
+    """``count`` simulated nodes, each provisioned on the site's broker as a real node is."""
+    names = node_ids(count, prefix=unique_id("sim"))
+    node_settings = {name: broker.settings(name) for name in names}
+    passwords = {name: settings.password.get_secret_value() for name, settings in node_settings.items()
+                 if settings.password is not None}  # fmt: skip
+    return SimFleet(names, ["t4-16gb", "a10-24gb", "jetson-orin-nano-8gb"], host=broker.host, port=broker.port,
+                    interval_s=0.05, resend_after_s=1.0, ca_file=node_settings[names[0]].ca_file,
+                    passwords=passwords)  # fmt: skip
+
+
 async def test_replicas_share_the_ingest_and_the_survivor_finishes_the_rollout(
-    broker, postgres_url: str, tiny_model_dir, artifacts
+    secure_broker: SecureBroker, postgres_url: str, tiny_model_dir, artifacts
 ) -> None:
-    replicas = [_replica(broker, postgres_url, unique_id(name)) for name in ("ctl-a", "ctl-b")]
+    replicas = [_replica(secure_broker, postgres_url, unique_id(name)) for name in ("ctl-a", "ctl-b")]
     stops = [asyncio.Event() for _ in replicas]
     runs = [
         asyncio.create_task(c.run(stop), name=f"test-{c.config.controller_id}")
         for c, stop in zip(replicas, stops, strict=True)
     ]
     store = replicas[0].store
-    fleet = SimFleet(node_ids(12, prefix=unique_id("sim")), ["t4-16gb", "a10-24gb", "jetson-orin-nano-8gb"],
-                     host=broker.host, port=broker.port, interval_s=0.05, resend_after_s=1.0)  # fmt: skip
+    fleet = _sim_fleet(secure_broker, 12)
     try:
         await _until(lambda: all(c.subscribed.is_set() for c in replicas), "both replicas to subscribe")
         await fleet.connect(WAIT_S)
