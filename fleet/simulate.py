@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import signal
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
 
 # How often loop_misc runs for every client: paho's own loop calls it about once a second.
 MISC_INTERVAL_S = 1.0
+# How long a clean close waits for the broker to take every DISCONNECT (milliseconds on loopback).
+CLOSE_TIMEOUT_S = 5.0
 # A node that lost its connection tries again after this (jittered): the benchmark counts disconnects.
 RECONNECT_S = 1.0
 # Ack latency samples kept per process (reservoir): enough for a p99 of each phase of a benchmark.
@@ -97,6 +100,7 @@ class SimNode:
         self.unacked: dict[int, tuple[bytes, float]] = {}  # seq -> (payload, when first published)
         self.waiting_since: float | None = None  # as fleet.node: sent, unacknowledged, no ack progress since
         self.connected = asyncio.Event()
+        self.socket_closed = asyncio.Event()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"node-{node_id}", protocol=paho.MQTTv5)
         self.client.max_inflight_messages_set(fleet.max_inflight)
         if fleet.tls is not None:
@@ -114,10 +118,12 @@ class SimNode:
     # -- paho on the asyncio loop ------------------------------------------------------------------
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: SocketLike) -> None:
+        self.socket_closed.clear()
         self.fleet.loop.add_reader(sock, client.loop_read)
 
     def _on_socket_close(self, client: paho.Client, userdata: Any, sock: SocketLike) -> None:
         self.fleet.loop.remove_reader(sock)
+        self.socket_closed.set()
 
     def _on_register_write(self, client: paho.Client, userdata: Any, sock: SocketLike) -> None:
         self.fleet.loop.add_writer(sock, client.loop_write)
@@ -340,6 +346,17 @@ class SimFleet:
                 death = NodeState(node=node.node_id, online=False, bd_seq=node.bd_seq, ts=time.time())
                 node.client.publish(self.topics.state(node.node_id), encode(death), qos=1, retain=True)
                 node.client.disconnect()
+        # paho closes each socket once the broker has seen the DISCONNECT (on this loop); a socket still
+        # open after a while (a broker gone away) is closed here, so none is left to the garbage collector.
+        open_ones = [node.socket_closed.wait() for node in self.nodes if node.client.socket() is not None]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*open_ones), CLOSE_TIMEOUT_S)
+        for node in self.nodes:
+            sock = node.client.socket()
+            if sock is not None:
+                self.loop.remove_reader(sock)
+                self.loop.remove_writer(sock)
+                sock.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
