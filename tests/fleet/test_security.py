@@ -297,6 +297,34 @@ def test_init_pki_makes_a_ca_and_a_server_certificate_and_keeps_keys_private(tmp
     assert not (tmp_path / "other").exists()
 
 
+async def test_many_nodes_are_provisioned_at_once_and_the_broker_takes_them(
+    pki: PkiPaths, make_broker, make_client
+) -> None:
+    ids = [f"bulk-{index:03d}" for index in range(200)]
+    made = security.provision_nodes(pki.root, ids)
+    assert [credentials.identity for credentials in made] == ids
+    registry = security.load_registry(pki.root)
+    assert set(ids) <= set(registry.identities)
+    for credentials in (made[0], made[-1]):
+        line = registry.identities[credentials.identity].password_line
+        assert line is not None
+        assert credentials.password is not None
+        assert security.check_password_line(line, credentials.password.get_secret_value())
+    broker = make_broker(pki=pki.root)
+    last = make_client(settings_for(made[-1], broker), made[-1].identity)
+    await last.connect(5)
+    # A batch with an id already taken, repeated or invalid is refused whole, before anything is written.
+    before = pki.registry.read_bytes()
+    with pytest.raises(security.PkiError, match="already provisioned"):
+        security.provision_nodes(pki.root, ["fresh-1", "bulk-000"])
+    with pytest.raises(security.PkiError, match="twice"):
+        security.provision_nodes(pki.root, ["fresh-1", "fresh-1"])
+    with pytest.raises(ValueError, match="invalid"):
+        security.provision_nodes(pki.root, ["fresh-1", "bad:id"])
+    assert pki.registry.read_bytes() == before
+    assert not (pki.root / "clients" / "fresh-1").exists()
+
+
 def test_provisioning_records_hashes_only_and_hands_the_node_its_files(pki: PkiPaths) -> None:
     node = security.provision_node(pki.root, "n1")
     assert node.password is not None
