@@ -71,6 +71,7 @@ def _replica(broker: SecureBroker, database: str, name: str) -> Controller:
 def _sim_fleet(broker: SecureBroker, count: int) -> SimFleet:
     """``count`` simulated nodes, each provisioned on the site's broker as a real node is."""
     names = node_ids(count, prefix=unique_id("sim"))
+    broker.provision(*names)
     node_settings = {name: broker.settings(name) for name in names}
     passwords = {name: settings.password.get_secret_value() for name, settings in node_settings.items()
                  if settings.password is not None}  # fmt: skip
@@ -82,6 +83,7 @@ def _sim_fleet(broker: SecureBroker, count: int) -> SimFleet:
 async def test_replicas_share_the_ingest_and_the_survivor_finishes_the_rollout(
     secure_broker: SecureBroker, postgres_url: str, tiny_model_dir, artifacts
 ) -> None:
+    fleet = _sim_fleet(secure_broker, 12)  # provisioned before anything runs
     replicas = [_replica(secure_broker, postgres_url, unique_id(name)) for name in ("ctl-a", "ctl-b")]
     stops = [asyncio.Event() for _ in replicas]
     runs = [
@@ -89,7 +91,6 @@ async def test_replicas_share_the_ingest_and_the_survivor_finishes_the_rollout(
         for c, stop in zip(replicas, stops, strict=True)
     ]
     store = replicas[0].store
-    fleet = _sim_fleet(secure_broker, 12)
     try:
         await _until(lambda: all(c.subscribed.is_set() for c in replicas), "both replicas to subscribe")
         await fleet.connect(WAIT_S)
