@@ -1,6 +1,7 @@
 """The fleet at scale: simulated nodes against one Mosquitto and one controller process, measured.
 
-Parts, each a real process: Mosquitto (``fleet.broker``), ``zimage-edge fleet controller`` on a SQLite
+Parts, each a real process: Mosquitto (``fleet.broker``) as a site runs it (TLS, a password per node, the
+fleet's ACLs: ``fleet.security``), ``zimage-edge fleet controller`` on a SQLite
 store, and ``python -m fleet.simulate`` processes holding the simulated nodes (real MQTT connections,
 the fleet protocol). Phases:
 
@@ -38,6 +39,8 @@ import aiohttp
 import psutil
 
 from fleet.broker import MosquittoBroker, free_port
+from fleet.security import BrokerLimits, Credentials, init_pki, provision_controller, provision_nodes
+from fleet.simulate import node_ids
 
 TOKEN = "bench-token"
 # The controller answers /healthz ~1 s after start (imports); a loaded 2-core machine can take longer.
@@ -125,13 +128,16 @@ async def _wait(predicate: Any, timeout_s: float, what: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _controller(work: Path, broker: MosquittoBroker) -> AsyncIterator[tuple[str, int]]:
+async def _controller(work: Path, broker: MosquittoBroker, site: Site) -> AsyncIterator[tuple[str, int]]:
     port = free_port()
     config = work / "controller.toml"
+    password = site.controller.password.get_secret_value() if site.controller.password else ""
     config.write_text(
         f'controller_id = "bench"\ndatabase = "{work / "fleet.db"}"\nport = {port}\napi_token = "{TOKEN}"\n'
-        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
+        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nca_file = "{site.controller.ca_file}"\n'
+        f'username = "{site.controller.identity}"\npassword = "{password}"\n'
     )
+    config.chmod(0o600)
     env = {**os.environ, "ZIMAGE_LOG_LEVEL": "WARNING"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "zimage_edge.cli", "fleet", "controller", "--config", str(config), env=env,
@@ -146,7 +152,7 @@ async def _controller(work: Path, broker: MosquittoBroker) -> AsyncIterator[tupl
 
 
 async def _simulators(
-    options: ScaleOptions, broker: MosquittoBroker, work: Path
+    options: ScaleOptions, broker: MosquittoBroker, work: Path, site: Site
 ) -> list[tuple[asyncio.subprocess.Process, Path]]:
     per = [options.nodes // options.processes + (i < options.nodes % options.processes)
            for i in range(options.processes)]  # fmt: skip
@@ -157,6 +163,7 @@ async def _simulators(
             sys.executable, "-m", "fleet.simulate", "--nodes", str(count), "--offset", str(offset),
             "--port", str(broker.port), "--host", broker.host, "--interval-s", str(options.interval_s),
             "--profiles", ",".join(options.profiles), "--drain-s", str(options.drain_s), "--results", str(results),
+            "--ca-file", str(site.controller.ca_file), "--passwords", str(site.passwords),
         ]  # fmt: skip
         procs.append((await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE), results))
         offset += count
@@ -181,16 +188,39 @@ async def run_scale(options: ScaleOptions, release_artifacts: Sequence[Path], wo
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
         work = work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        broker = MosquittoBroker(work / "broker", extra_config=["max_queued_messages 10000"])
-        with broker:
-            return await _run(options, release_artifacts, work, broker)
+        site = _site(options, work)
+        limits = BrokerLimits.for_fleet(options.nodes, telemetry_interval_s=options.interval_s)
+        with MosquittoBroker(work / "broker", pki=site.pki, limits=limits) as broker:
+            return await _run(options, release_artifacts, work, broker, site)
 
 
-async def _run(options: ScaleOptions, artifacts: Sequence[Path], work: Path, broker: MosquittoBroker) -> dict:
+@dataclass(frozen=True)
+class Site:
+    """The broker's PKI and the credentials of the controller and of every simulated node."""
+
+    pki: Path
+    controller: Credentials
+    passwords: Path  # JSON: node id -> password, read by the simulators
+
+
+def _site(options: ScaleOptions, work: Path) -> Site:
+    """TLS and ACLs on, as a real site: a CA, the controller's identity, every node provisioned."""
+    pki = init_pki(work / "pki").root
+    controller = provision_controller(pki, "bench-controller")
+    nodes = provision_nodes(pki, node_ids(options.nodes))
+    passwords = work / "passwords.json"
+    passwords.write_text(json.dumps({c.identity: c.password.get_secret_value() for c in nodes if c.password}))
+    passwords.chmod(0o600)
+    return Site(pki, controller, passwords)
+
+
+async def _run(
+    options: ScaleOptions, artifacts: Sequence[Path], work: Path, broker: MosquittoBroker, site: Site
+) -> dict:
     results: dict[str, Any] = {"options": {**asdict(options), "waves": list(options.waves)}}
     store = StoreReader(work / "fleet.db")
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    async with _controller(work, broker) as (url, pid), aiohttp.ClientSession(headers=headers) as http:
+    async with _controller(work, broker, site) as (url, pid), aiohttp.ClientSession(headers=headers) as http:
 
         async def healthy() -> bool:
             async with http.get(f"{url}/healthz") as response:
@@ -203,7 +233,7 @@ async def _run(options: ScaleOptions, artifacts: Sequence[Path], work: Path, bro
             response.raise_for_status()
         controller, mosquitto = Sampler(pid), Sampler(broker.pid or 0)
         started = time.monotonic()
-        launched = await _simulators(options, broker, work)
+        launched = await _simulators(options, broker, work, site)
         sims = [proc for proc, _ in launched]
         try:
             await asyncio.gather(*(_json_line(p, "ready", options.connect_timeout_s) for p in sims))
@@ -363,7 +393,7 @@ def markdown(results: dict[str, Any]) -> str:
     o, t, r, d = results["options"], results["telemetry"], results["rollout"], results["delivery"]
     steady, during = d["ack_latency_ms"]["steady"], d["ack_latency_ms"]["rollout"]
     lines = [
-        f"# Fleet at scale: {o['nodes']} simulated nodes, one Mosquitto, one controller (SQLite)",
+        f"# Fleet at scale: {o['nodes']} simulated nodes, one Mosquitto (TLS, ACLs), one controller (SQLite)",
         "",
         f"{results['machine']['cpus']} CPUs shared by the broker, the controller and {o['processes']} simulator "
         f"processes. Telemetry every {o['interval_s']:g} s per node; measured over {t['window_s']:.0f} s.",

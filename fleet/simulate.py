@@ -388,6 +388,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     fleet = SimFleet(
         node_ids(args.nodes, args.offset, args.id_prefix), args.profiles.split(","), host=args.host,
         port=args.port, prefix=args.prefix, interval_s=args.interval_s, first_index=args.offset,
+        ca_file=args.ca_file, passwords=json.loads(args.passwords.read_text()) if args.passwords else None,
     )  # fmt: skip
     started = time.monotonic()
     await fleet.connect(args.connect_timeout_s)
@@ -415,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--connect-timeout-s", type=float, default=120.0)
     parser.add_argument("--drain-s", type=float, default=60.0, help="how long to wait for the last acks")
     parser.add_argument("--results", type=Path, help="write the results here (JSON) instead of to stdout")
+    parser.add_argument("--ca-file", type=Path, help="the broker's CA: connect over TLS")
+    parser.add_argument("--passwords", type=Path, help="JSON file: node id -> password (user name = node id)")
     args = parser.parse_args(argv)
     if args.nodes < 1:
         parser.error("--nodes must be at least 1")
