@@ -131,13 +131,11 @@ async def _wait(predicate: Any, timeout_s: float, what: str) -> None:
 async def _controller(work: Path, broker: MosquittoBroker, site: Site) -> AsyncIterator[tuple[str, int]]:
     port = free_port()
     config = work / "controller.toml"
-    password = site.controller.password.get_secret_value() if site.controller.password else ""
+    config.touch(mode=0o600)  # it holds the controller's password
     config.write_text(
         f'controller_id = "bench"\ndatabase = "{work / "fleet.db"}"\nport = {port}\napi_token = "{TOKEN}"\n'
-        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nca_file = "{site.controller.ca_file}"\n'
-        f'username = "{site.controller.identity}"\npassword = "{password}"\n'
+        + site.controller.mqtt_settings(broker.host, broker.port).toml()
     )
-    config.chmod(0o600)
     env = {**os.environ, "ZIMAGE_LOG_LEVEL": "WARNING"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "zimage_edge.cli", "fleet", "controller", "--config", str(config), env=env,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import random
 import socket
@@ -117,6 +118,25 @@ class MqttSettings(BaseModel):
     max_inflight: int = Field(default=20, ge=1, le=65535, description="QoS 1 messages in flight at once")
     # 10,000 messages: ten seconds of telemetry from a thousand nodes at one message per second each.
     queue_limit: int = Field(default=10_000, ge=1, description="received messages waiting for the consumer")
+
+    def toml(self) -> str:
+        """These settings as the ``[mqtt]`` section of a process's TOML config: the broker's address and
+        whatever differs from the defaults. Secrets are written in clear: the file must be private."""
+        lines = ["[mqtt]"]
+        for name, spec in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value is None or (name not in ("host", "port") and value == spec.default):
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, int | float):
+                text = repr(value)
+            else:
+                text = json.dumps(str(value))  # a TOML basic string: the same quoting and escapes
+            lines.append(f"{name} = {text}")
+        return "\n".join(lines) + "\n"
 
     @model_validator(mode="after")
     def _check(self) -> MqttSettings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import tomllib
 from collections import Counter
 
 import pytest
@@ -43,6 +44,16 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len(set(delays)) == len(delays), "no jitter"
     assert backoff_delay(10_000, 0.5, 60.0, rng) <= 60.0
+
+
+def test_settings_written_as_toml_read_back_the_same(tmp_path) -> None:
+    settings = MqttSettings(host="broker.site.lan", port=8883, ca_file=tmp_path / "ca.crt", username="n1",
+                            password='p"w\\x', keepalive_s=5, clean_start=True, reconnect_min_s=0.05)  # fmt: skip
+    text = settings.toml()
+    assert text.startswith("[mqtt]\n")
+    assert MqttSettings.model_validate(tomllib.loads(text)["mqtt"]) == settings
+    assert "session_expiry_s" not in text  # defaults stay out
+    assert MqttSettings.model_validate(tomllib.loads(MqttSettings().toml())["mqtt"]) == MqttSettings()
 
 
 def test_settings_refuse_inconsistent_values() -> None:

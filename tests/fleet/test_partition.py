@@ -109,17 +109,11 @@ async def test_a_partitioned_node_goes_offline_times_out_and_its_telemetry_arriv
     timing = {"keepalive_s": KEEPALIVE_S, "reconnect_min_s": TEST_RECONNECT_MIN_S,
               "reconnect_max_s": TEST_RECONNECT_MAX_S}  # fmt: skip
     mqtt = controller_credentials.mqtt_settings(link.host_ip, broker.port, **timing)
-    password = node_credentials.password
-    assert password is not None
     store_dir = tmp_path / "node"
     config = tmp_path / "node.toml"
     config.write_text(
         f'node_id = "{node_id}"\nagent_url = "http://127.0.0.1:9"\nstore_dir = "{store_dir}"\n'
-        f'telemetry_interval_s = 0.1\n[mqtt]\nhost = "{link.host_ip}"\nport = {broker.port}\n'
-        f'ca_file = "{node_credentials.ca_file}"\nusername = "{node_id}"\n'
-        f'password = "{password.get_secret_value()}"\n'
-        f"keepalive_s = {KEEPALIVE_S}\nreconnect_min_s = {TEST_RECONNECT_MIN_S}\n"
-        f"reconnect_max_s = {TEST_RECONNECT_MAX_S}\n"
+        "telemetry_interval_s = 0.1\n" + node_credentials.mqtt_settings(link.host_ip, broker.port, **timing).toml()
     )
     node = await asyncio.create_subprocess_exec(
         "ip", "netns", "exec", link.namespace, sys.executable, "-m", "zimage_edge.cli", "node", "--config",

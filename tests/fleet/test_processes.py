@@ -18,7 +18,6 @@ import pytest
 
 from edge_agent.settings import ApiKey
 from fleet.broker import free_port
-from fleet.mqtt import MqttSettings
 from tests.fleet.conftest import unique_id
 from zimage_edge import cli
 
@@ -50,22 +49,12 @@ def _wait(predicate, what: str) -> None:
         interval.wait(POLL_S)
 
 
-def _mqtt_toml(settings: MqttSettings) -> str:
-    """The ``[mqtt]`` section of a process's config for these settings."""
-    password = settings.password.get_secret_value() if settings.password else ""
-    return (
-        f'[mqtt]\nhost = "{settings.host}"\nport = {settings.port}\nca_file = "{settings.ca_file}"\n'
-        f'username = "{settings.username}"\npassword = "{password}"\n'
-        f"reconnect_min_s = {settings.reconnect_min_s}\nreconnect_max_s = {settings.reconnect_max_s}\n"
-    )
-
-
 @pytest.fixture
 def processes(secure_broker, tiny_model_dir: Path, signing_keys, tmp_path: Path) -> Iterator[dict]:
     agent_port, controller_port = free_port(), free_port()
     node_id, controller_id = unique_id("site1"), unique_id("ctl")
     # Each process gets its own credentials for the site's TLS broker, written into its config file.
-    mqtt = {name: _mqtt_toml(secure_broker.settings(name, controller=name == controller_id))
+    mqtt = {name: secure_broker.settings(name, controller=name == controller_id).toml()
             for name in (node_id, controller_id)}  # fmt: skip
     env = {**os.environ, "ZIMAGE_LOG_LEVEL": "WARNING"}
     agent_cfg = _toml(
