@@ -407,8 +407,7 @@ def _checked_name(what: str, name: str) -> str:
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
-        # WAL: readers (the CLI, the status page) never block the ingest, nor it them.
-        cursor.execute("PRAGMA journal_mode=WAL")
+        # First, so that every statement after it waits for another writer's lock instead of failing.
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         # Foreign keys are off by default in SQLite and always on in PostgreSQL: behave the same.
         cursor.execute("PRAGMA foreign_keys=ON")
@@ -416,6 +415,29 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         # committed sample must survive a power cut, which WAL's NORMAL does not promise.
     finally:
         cursor.close()
+
+
+def _use_wal(engine: Engine) -> None:
+    """Put the SQLite file in WAL mode: readers (the CLI, the status page) never block the ingest, nor it them.
+
+    The mode is kept in the file, so this changes something once per database. Switching needs the file's
+    exclusive lock, and SQLite answers "database is locked" at once, without waiting out the busy timeout,
+    when waiting could deadlock (another connection holds the write lock: a replica starting at the same
+    moment, in the middle of its migration). So it is asked again, with backoff, up to the busy timeout.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    delay_s = 0.005
+    while True:
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            return
+        except OperationalError as exc:
+            if "locked" not in str(exc.orig) or time.monotonic() + delay_s > deadline:
+                where = engine.url.render_as_string()
+                raise StoreError(f"{where}: could not switch the database to WAL mode: {exc.orig}") from exc
+        time.sleep(delay_s)  # no event to wait on: another process holds a file lock
+        delay_s = min(delay_s * 2, 0.2)
 
 
 def _facts_from_json(data: Mapping[str, Any] | None) -> DeviceFacts | None:
@@ -441,6 +463,8 @@ class Store:
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
         try:
+            if engine.dialect.name == "sqlite":
+                _use_wal(engine)
             return cls(engine, clock)
         except BaseException:
             engine.dispose()  # a refused database: close the pool's connections, not leave them to GC

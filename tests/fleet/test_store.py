@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sqlite3
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -92,6 +96,43 @@ def test_sqlite_runs_in_wal_with_a_busy_timeout(tmp_path: Path) -> None:
         assert conn.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
         assert conn.execute(text("PRAGMA busy_timeout")).scalar_one() == store_module.SQLITE_BUSY_TIMEOUT_MS
         assert conn.execute(text("PRAGMA foreign_keys")).scalar_one() == 1
+
+
+def test_the_switch_to_wal_waits_out_another_connections_write_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite refuses the switch at once, without its busy handler, while another connection holds the write
+    lock (a replica starting at the same moment): the store asks again instead of failing to start."""
+    path = tmp_path / "fleet.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the write lock, on a new file, as a replica's migration takes it
+    retried = threading.Event()
+    real_sleep = store_module.time.sleep
+
+    def sleep(seconds: float) -> None:
+        retried.set()
+        real_sleep(seconds)
+
+    monkeypatch.setattr(store_module.time, "sleep", sleep)
+    with ThreadPoolExecutor(1, thread_name_prefix="open-store") as pool:
+        opening = pool.submit(Store.open, path)
+        assert retried.wait(10), "the store never asked again"
+        holder.rollback()  # the other writer commits or gives up: the lock is free
+        holder.close()
+        opened = opening.result(timeout=30)
+    with opened as store, store.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
+
+
+def test_the_switch_to_wal_gives_up_with_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "fleet.db"
+    monkeypatch.setattr(store_module, "SQLITE_BUSY_TIMEOUT_MS", 50)
+    with closing(sqlite3.connect(path, isolation_level=None)) as holder:
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreError, match="could not switch the database to WAL mode: database is locked"):
+            Store.open(path)
+        holder.rollback()
+        assert holder.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # nothing changed
 
 
 def test_telemetry_is_stored_once_per_node_and_seq(store: Store, clock: Clock) -> None:
