@@ -275,6 +275,9 @@ class SimFleet:
         self.errors: list[str] = []
         self.latencies: list[tuple[float, float]] = []  # (when the ack came, time.monotonic; latency)
         self._latency_count = 0
+        # When telemetry started and stopped (time.monotonic): produced / that span is the rate the nodes
+        # really offered, which a process short of CPU keeps below the nominal nodes / interval.
+        self.telemetry_span: list[float] = []
         self._rng = random.Random(0)
         # Profiles are dealt by the node's number in the whole simulated fleet, not in this process.
         kinds = [profiles[(first_index + i) % len(profiles)] for i in range(len(node_ids))]
@@ -305,6 +308,7 @@ class SimFleet:
 
     def start_telemetry(self) -> None:
         """Each node publishes telemetry every interval, at its own phase so the load is even."""
+        self.telemetry_span = [time.monotonic()]
         for index, node in enumerate(self.nodes):
             phase = self.interval_s * index / len(self.nodes)
             self._tasks.append(asyncio.create_task(self._telemetry(node, phase), name=f"sim-telemetry-{index}"))
@@ -328,6 +332,8 @@ class SimFleet:
             task.cancel()
         await asyncio.gather(*telemetry, return_exceptions=True)
         self._tasks = [task for task in self._tasks if task not in telemetry]
+        if len(self.telemetry_span) == 1:
+            self.telemetry_span.append(time.monotonic())
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until every produced seq is acknowledged; False if some are not within the time."""
@@ -371,6 +377,7 @@ class SimFleet:
             "disconnects": sum(node.stats.disconnects for node in nodes),
             "desired": sum(node.stats.desired for node in nodes),
             "ack_latency_s": sorted(self.latencies),  # [when, seconds]
+            "telemetry_span": self.telemetry_span,  # [started, stopped] on time.monotonic
             "errors": self.errors[:20],
             "error_count": len(self.errors),
         }

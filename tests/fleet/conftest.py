@@ -30,6 +30,11 @@ TEST_RECONNECT_MAX_S = 0.5
 # How often wait_until looks again: short next to every delivery time measured here.
 POLL_S = 0.01
 
+# The client library's tests connect as one user allowed every topic (no ACL file), over TLS with a password
+# as every connection of the suite does; the fleet's own identities and ACLs are the secure_broker's.
+TEST_USER = "tester"
+TEST_PASSWORD = "tester-password"
+
 MakeBroker = Callable[..., MosquittoBroker]
 MakeClient = Callable[..., MqttClient]
 
@@ -43,11 +48,14 @@ def _require_mosquitto() -> None:
 
 @pytest.fixture
 def make_broker(tmp_path: Path) -> Iterator[MakeBroker]:
-    """Start brokers (keyword arguments of ``MosquittoBroker``); each is stopped after the test."""
+    """Start brokers (keyword arguments of ``MosquittoBroker``; by default TLS and the test user's password);
+    each is stopped after the test."""
     _require_mosquitto()
     brokers: list[MosquittoBroker] = []
 
     def make(**kwargs: Any) -> MosquittoBroker:
+        if "pki" not in kwargs:
+            kwargs = {"tls": True, "users": {TEST_USER: TEST_PASSWORD}} | kwargs
         broker = MosquittoBroker(tmp_path / f"broker{len(brokers)}", **kwargs)
         brokers.append(broker)
         return broker.start()
@@ -59,7 +67,7 @@ def make_broker(tmp_path: Path) -> Iterator[MakeBroker]:
 
 @pytest.fixture
 def broker(make_broker: MakeBroker) -> MosquittoBroker:
-    """An anonymous broker on a free loopback port."""
+    """A broker on a free loopback port: TLS, and the test user's password."""
     return make_broker()
 
 
@@ -104,12 +112,17 @@ def secure_broker(make_broker: MakeBroker, tmp_path: Path) -> SecureBroker:
 
 
 def client_settings(broker: MosquittoBroker, **overrides: Any) -> MqttSettings:
+    """Settings for a ``make_broker`` broker: its CA, and the test user when the broker has one."""
     values: dict[str, Any] = {
         "host": broker.host,
         "port": broker.port,
         "reconnect_min_s": TEST_RECONNECT_MIN_S,
         "reconnect_max_s": TEST_RECONNECT_MAX_S,
     }
+    if broker.tls:
+        values["ca_file"] = broker.ca_file
+    if TEST_USER in broker.users:
+        values |= {"username": TEST_USER, "password": TEST_PASSWORD}
     return MqttSettings.model_validate(values | overrides)
 
 

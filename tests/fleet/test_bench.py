@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fleet.bench import ScaleOptions, markdown, run_scale
+from fleet.bench import (
+    ScaleOptions,
+    load_markdown,
+    markdown,
+    max_sustained,
+    plot_load,
+    run_load_sweep,
+    run_scale,
+    sustained,
+)
 
 
 async def test_the_scale_benchmark_measures_a_small_fleet_end_to_end(tiny_model_dir, artifacts, tmp_path: Path) -> None:
@@ -38,3 +47,61 @@ async def test_the_scale_benchmark_measures_a_small_fleet_end_to_end(tiny_model_
     assert rollout["wave_ends_s"] == sorted(rollout["wave_ends_s"])
     table = markdown(results)
     assert f"| produced / stored / lost | {delivery['produced']} / {delivery['produced']} / **0** |" in table
+
+
+async def test_two_replicas_on_postgresql_share_the_ingest_and_the_sweep_reports_it(
+    tiny_model_dir, artifacts, tmp_path: Path
+) -> None:
+    release = [artifacts.get(tiny_model_dir, "bf16")]
+    point = ScaleOptions(
+        nodes=6, processes=2, interval_s=0.2, warmup_s=0.2, duration_s=1.0, drain_s=60.0,
+        database="postgresql", replicas=2, rollout=False,
+    )  # fmt: skip
+    seen: list[dict] = []
+    runs = await run_load_sweep([point], release, on_point=seen.append)
+
+    assert seen == runs
+    [run] = runs
+    delivery = run["delivery"]
+    assert delivery["stored"] == delivery["produced"] > point.nodes
+    assert delivery["lost"] == 0
+    assert delivery["simulator_errors"] == 0, delivery["first_errors"]
+    # The shared subscription split the telemetry between the replicas; together they saw all of it.
+    per_replica = delivery["received_per_replica"]
+    assert len(per_replica) == 2
+    assert min(per_replica) > 0
+    assert sum(per_replica) >= delivery["produced"]
+    telemetry = run["telemetry"]
+    assert set(telemetry["cores"]) == {"controller-0", "controller-1", "broker", "postgresql", "simulator-0",
+                                       "simulator-1"}  # fmt: skip
+    assert telemetry["database_cores"] > 0
+    assert 0 < telemetry["achieved_offered_per_s"] <= 1.05 * point.offered_per_s
+    assert "rollout" not in run
+
+    table = load_markdown(runs)
+    assert "| PostgreSQL, 2 controller replicas | 6 |" in table
+    assert "PostgreSQL, 2 controller replicas: " in table
+    png = plot_load(runs, tmp_path / "plots" / "load.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _run(setup: str, offered: float, stored: float, lost: int, p99_ms: float | None) -> dict:
+    database, replicas = setup.split("/")
+    return {
+        "options": {"database": database, "replicas": int(replicas), "nodes": 10},
+        "telemetry": {"achieved_offered_per_s": offered, "stored_per_s": stored},
+        "delivery": {"lost": lost, "ack_latency_ms": {"steady": {"p99": p99_ms}}},
+    }
+
+
+def test_a_load_is_sustained_when_all_is_stored_in_time_and_nothing_lost() -> None:
+    runs = [
+        _run("sqlite/1", 500, 499, 0, 80.0),
+        _run("sqlite/1", 1000, 995, 0, 1500.0),
+        _run("sqlite/1", 2000, 1990, 0, 2500.0),  # kept up on average, but the lag grew past the bound
+        _run("sqlite/1", 3000, 1400, 0, 9000.0),  # fell behind
+        _run("postgresql/2", 1000, 1000, 1, 50.0),  # one sample lost
+        _run("postgresql/2", 500, 300, 0, 50.0),  # stored too little
+    ]
+    assert [sustained(run) for run in runs] == [True, True, False, False, False, False]
+    assert max_sustained(runs) == {"SQLite, 1 controller": 1000, "PostgreSQL, 2 controller replicas": None}
