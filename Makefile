@@ -10,8 +10,11 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL ?=
 DEMO_PROMPT ?= a yellow triangle on a blue background
 OUT_DIR ?= out
+# Tools whose pins clash with the project's get a venv of their own; tests/k3s finds them there.
+TOOLS_VENV ?= .venv-tools
+CHECKOV_SPEC ?= checkov>=3.2,<4
 
-.PHONY: run test lint typecheck pytest install clean system system-test
+.PHONY: run test lint typecheck pytest install tools clean system system-test
 
 # System packages (a C++ compiler; Chromium for the tests), installed when missing or named in one line.
 system:
@@ -25,8 +28,16 @@ $(BIN)/python: | system
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,k3s]"
 	touch $@
+
+# checkov for tests/k3s (~1 minute and ~300 MB the first time).
+$(TOOLS_VENV)/.installed: | system
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install -q "$(CHECKOV_SPEC)"
+	touch $@
+
+tools: $(TOOLS_VENV)/.installed
 
 install: system $(VENV)/.installed
 
@@ -40,10 +51,10 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-pytest: install system-test
+pytest: install tools system-test
 	$(BIN)/pytest
 
 test: lint typecheck pytest
 
 clean:
-	rm -rf $(VENV) $(OUT_DIR) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS_VENV) $(OUT_DIR) .pytest_cache .mypy_cache .ruff_cache
