@@ -1,14 +1,13 @@
-# Two entry points for a fresh machine: `make run` (the demo) and `make test`.
+# Two entry points for a fresh machine: `make run` (the local fleet demo) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU wheel of this torch is what CI and development machines use. A node with a CUDA or Jetson
 # build of torch already installed in the venv keeps it: torch is only installed when missing.
 TORCH_SPEC ?= torch==2.13.0
-# The demo model: empty means the shapes model shipped in the package (trained, 64x64); set MODEL to
-# an artifact or a diffusers directory (e.g. real Z-Image-Turbo weights) to draw with that instead.
+# The demo's model: empty means the shapes model shipped in the package (trained, 64x64); set MODEL to
+# a diffusers directory or a cached Hugging Face id (e.g. real Z-Image-Turbo weights) to quantize that.
 MODEL ?=
-DEMO_PROMPT ?= a yellow triangle on a blue background
 OUT_DIR ?= out
 # Tools whose pins clash with the project's get a venv of their own; tests/k3s finds them there.
 TOOLS_VENV ?= .venv-tools
@@ -42,7 +41,7 @@ tools: $(TOOLS_VENV)/.installed
 install: system $(VENV)/.installed
 
 run: install
-	$(BIN)/zimage-edge generate $(if $(MODEL),--model "$(MODEL)") "$(DEMO_PROMPT)" --seed 0 -o $(OUT_DIR)/demo.png
+	$(BIN)/zimage-edge demo $(if $(MODEL),--source "$(MODEL)") --out $(OUT_DIR)/demo
 
 lint: install
 	$(BIN)/ruff check .

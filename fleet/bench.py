@@ -468,9 +468,12 @@ async def _steady(
     }
 
 
-def _latency(seconds: Sequence[float]) -> dict[str, float | None]:
-    return {"samples": len(seconds), "p50": _ms(percentile(seconds, 0.5)), "p99": _ms(percentile(seconds, 0.99)),
-            "max": _ms(max(seconds, default=None))}  # fmt: skip
+def _latency(seconds: Sequence[float]) -> dict[str, Any]:
+    ordered = sorted(seconds)
+    return {"samples": len(seconds), "p50": _ms(percentile(ordered, 0.5)), "p99": _ms(percentile(ordered, 0.99)),
+            "max": _ms(max(ordered, default=None)),
+            # Every percentile, 0..100: the distribution, for a plot.
+            "percentiles_ms": [_ms(percentile(ordered, q / 100)) for q in range(101)] if ordered else []}  # fmt: skip
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -648,6 +651,42 @@ def plot_load(runs: Sequence[dict[str, Any]], path: Path) -> Path:
     for axis in (lag_axis, rate_axis):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_scale(results: dict[str, Any], path: Path) -> Path:
+    """A scale run: the distribution of the ack latency (steady, during the rollout), and the rollout's
+    progress (nodes through their wave against time): ``path`` (PNG)."""
+    import matplotlib  # plotting only, imported here: the controller and the node never load it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (lag_axis, wave_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for phase, latency in results["delivery"]["ack_latency_ms"].items():
+        values = latency.get("percentiles_ms") or []
+        if values:
+            lag_axis.plot(
+                values, [q / 100 for q in range(len(values))], label=f"{phase} ({latency['samples']} samples)"
+            )
+    lag_axis.set(xscale="log", xlabel="ack latency (ms): publish -> stored and acknowledged", ylabel="fraction",
+                 title=f"{results['options']['nodes']} nodes")  # fmt: skip
+    lag_axis.grid(alpha=0.3)
+    lag_axis.legend(fontsize=8)
+    rollout = results.get("rollout")
+    if rollout:
+        ends, bounds = rollout["wave_ends_s"], rollout["wave_bounds"]
+        wave_axis.step([0.0, *ends], [0, *bounds[: len(ends)]], where="post", marker="o")
+        wave_axis.set(xlabel="seconds since the rollout was created", ylabel="nodes through their wave",
+                      title=f"rollout: {rollout['status']} in {rollout['converge_s']:.1f} s "
+                      f"(bake floor {rollout['bake_floor_s']:g} s)")  # fmt: skip
+        wave_axis.grid(alpha=0.3)
+    else:
+        wave_axis.set_axis_off()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)

@@ -407,12 +407,26 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", help="its api_token (default ZIMAGE_FLEET_TOKEN)")
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fleet import demo  # here: images and tables, only this command needs them
+
+    return demo.main(demo.DemoOptions(args.work or demo.default_work(), args.out, args.source, args.once))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the node and fleet subcommands."""
     node = sub.add_parser("node", help="run the fleet sidecar beside this node's agent")
     node.add_argument("--config", required=True, help="TOML file with the node's settings")
     node.add_argument("--device-profile", help="report this device profile instead of the detected device")
     node.set_defaults(handler=_cmd_node)
+
+    demo = sub.add_parser("demo", help="a whole site on this machine: broker, controller, three nodes, a rollout")
+    demo.add_argument("--source", help="model to quantize (default: the shapes model shipped in the package)")
+    demo.add_argument("--work", type=Path, help="kept between runs: the demo key and the built release "
+                      "(default: ~/.cache/zimage-edge/demo)")  # fmt: skip
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="where the images are written")
+    demo.add_argument("--once", action="store_true", help="exit after the summary instead of serving")
+    demo.set_defaults(handler=_cmd_demo)
 
     fleet = sub.add_parser("fleet", help="the fleet controller and its operators' commands")
     fleet_sub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")

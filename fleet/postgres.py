@@ -257,7 +257,7 @@ class PostgresServer:
         }
         options = [arg for key, value in settings.items() for arg in ("-c", f"{key}={value}")]
         server = [str(self.bin_dir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)]
-        return [*_die_with_parent(), *server, *options]
+        return [*die_with_parent(), *server, *options]
 
     def _launch(self) -> None:
         pid_file = self.data_dir / "postmaster.pid"
@@ -294,13 +294,13 @@ class PostgresServer:
             time.sleep(POLL_INTERVAL_S)
 
 
-def _die_with_parent() -> list[str]:
-    """A prefix for the server's command: util-linux ``setpriv`` asks the kernel for SIGINT (a fast
-    shutdown) when the thread that started the server exits, then runs the server in its place. A test
-    runner that is killed or crashes runs no finalizer; without this, its server would run on. Nothing
-    where ``setpriv`` is missing (not Linux): there, only ``stop()`` and the finalizer end the server."""
+def die_with_parent(signal_name: str = "INT") -> list[str]:
+    """A prefix for a child's command: util-linux ``setpriv`` asks the kernel for ``signal_name`` (SIGINT:
+    PostgreSQL's fast shutdown) when the thread that started the child exits, then runs the child in its
+    place. A test runner or a demo that is killed or crashes runs no finalizer; without this, its servers
+    would run on. Nothing where ``setpriv`` is missing (not Linux): there, only an orderly stop ends them."""
     setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "INT", "--"] if setpriv is not None else []
+    return [setpriv, "--pdeathsig", signal_name, "--"] if setpriv is not None else []
 
 
 def _checked(name: str) -> str:

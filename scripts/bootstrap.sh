@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the system packages a job needs on a fresh Debian/Ubuntu machine, or stop at once naming them.
 #
-#   scripts/bootstrap.sh run    what `make run` needs (a C++ compiler for optimum-quanto's kernels)
+#   scripts/bootstrap.sh run    what `make run` needs (a C++ compiler for optimum-quanto's kernels, and
+#                               Mosquitto: the demo runs a real broker)
 #   scripts/bootstrap.sh test   what `make test` needs as well (Chromium for the web-page tests, Mosquitto
 #                               and its clients for the fleet tests, which run a real broker, the
 #                               PostgreSQL server, which the store tests run a throwaway cluster of, and
@@ -19,7 +20,7 @@ declare -A provides=(
   [mosquitto]=mosquitto [mosquitto_pub]=mosquitto-clients [ip]=iproute2
 )
 case "$job" in
-  run) wanted=(python3 g++ make) ;;
+  run) wanted=(python3 g++ make mosquitto) ;;
   test) wanted=(python3 g++ make chromium mosquitto mosquitto_pub ip) ;;
   *) echo "usage: $0 run|test" >&2; exit 2 ;;
 esac

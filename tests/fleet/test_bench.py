@@ -3,8 +3,12 @@ two processes. The full run (1,000 nodes, minutes) is ``benchmarks/fleet_scale.p
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
+
+from fleet import bench_cli
 from fleet.bench import (
     ScaleOptions,
     load_markdown,
@@ -105,3 +109,29 @@ def test_a_load_is_sustained_when_all_is_stored_in_time_and_nothing_lost() -> No
     ]
     assert [sustained(run) for run in runs] == [True, True, False, False, False, False]
     assert max_sustained(runs) == {"SQLite, 1 controller": 1000, "PostgreSQL, 2 controller replicas": None}
+
+
+def test_bench_fleet_writes_json_markdown_and_a_plot(tiny_model_dir, artifacts, tmp_path: Path) -> None:
+    release = [str(artifacts.get(tiny_model_dir, variant)) for variant in ("bf16", "int4-te8")]
+    out = tmp_path / "results"
+    args = ["--nodes", "4", "--processes", "1", "--duration", "1", "--warmup", "0.2", "--bake", "0.2",
+            "--max-unavailable", "2", "--drain", "60", "--out", str(out), "--artifacts", *release]  # fmt: skip
+    assert bench_cli.main(args) == 0
+    results = json.loads((out / "fleet-scale.json").read_text())
+    assert results["options"]["nodes"] == 4
+    assert results["delivery"]["lost"] == 0
+    assert results["rollout"]["status"] == "succeeded"
+    steady = results["delivery"]["ack_latency_ms"]["steady"]
+    assert len(steady["percentiles_ms"]) == 101
+    assert steady["percentiles_ms"] == sorted(steady["percentiles_ms"])
+    assert steady["percentiles_ms"][50] == steady["p50"]
+    assert (out / "fleet-scale.md").read_text() == markdown(results)
+    assert (out / "fleet-scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_fleet_refuses_a_bad_setup_before_starting_anything(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        bench_cli.main(["--sweep", "--setups", "mysql/1", "--out", str(tmp_path / "results")])
+    assert exited.value.code == 2
+    assert "a setup is DATABASE/REPLICAS" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
