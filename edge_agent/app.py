@@ -33,6 +33,7 @@ from edge_agent.keys import (
     SWAPS,
 )  # fmt: skip
 from edge_agent.metrics import Metrics
+from edge_agent.noop import NOTE, is_noop, load_noop
 from edge_agent.routes_a1111 import routes as a1111_routes
 from edge_agent.routes_generate import routes as generate_routes
 from edge_agent.routes_ops import load_page
@@ -50,6 +51,9 @@ log = logging.getLogger(__name__)
 
 def default_loader(settings: AgentSettings) -> Loader:
     def load(source: str) -> LoadedModel:
+        if is_noop(source):
+            log.warning("noop_model", extra={"event": "noop_model", "source": source, "note": NOTE})
+            return load_noop(source)
         from quantize.models import load_model
         from quantize.signing import load_public_keys
 

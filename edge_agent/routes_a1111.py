@@ -63,7 +63,8 @@ async def txt2img(request: web.Request) -> web.Response:
     return await json_answer(
         lambda: A1111Response(
             images=[b64(image) for image in out.images], parameters=body.known_fields(), info=json.dumps(info)
-        ).model_dump()
+        ).model_dump(),
+        out.images,
     )
 
 

@@ -7,7 +7,7 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -68,9 +68,18 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-async def json_answer(build: Callable[[], Any]) -> web.Response:
-    """Base64 of several images and the JSON around them take milliseconds per MB: built off the loop."""
-    text = await asyncio.to_thread(lambda: json.dumps(build(), allow_nan=False))
+# Base64 of the images and the JSON around them cost ~65 us per 8 KiB here, about what the hop to a
+# worker thread and back costs on one core (~50 us idle, more under load): smaller answers are built
+# on the loop, larger ones (milliseconds per MB) off it. benchmarks/results/agent-overhead.md
+INLINE_ANSWER_BYTES = 8 * 1024
+
+
+async def json_answer(build: Callable[[], Any], images: Sequence[bytes]) -> web.Response:
+    """The JSON answer that ``build`` makes around ``images``: off the loop unless they are small."""
+    if sum(len(image) for image in images) <= INLINE_ANSWER_BYTES:
+        text = json.dumps(build(), allow_nan=False)
+    else:
+        text = await asyncio.to_thread(lambda: json.dumps(build(), allow_nan=False))
     return web.Response(text=text, content_type="application/json")
 
 
@@ -109,7 +118,7 @@ async def native_generate(request: web.Request) -> web.StreamResponse:
             headers={"X-Seed": str(served.output.seeds[0]), "X-Job-ID": served.job_id},
         )
     model = service.model_name(request.app)
-    return await json_answer(lambda: _native_result(model, served))
+    return await json_answer(lambda: _native_result(model, served), served.output.images)
 
 
 def _sse(event: str, data: Any) -> bytes:
@@ -213,7 +222,8 @@ async def openai_images(request: web.Request) -> web.Response:
         return await json_answer(
             lambda: OpenAIImagesResponse(
                 created=created, data=[OpenAIImage(b64_json=b64(image)) for image in images]
-            ).model_dump(exclude_none=True)
+            ).model_dump(exclude_none=True),
+            images,
         )
     # Links name the agent as configured, never as the client's Host header claims it.
     transport = request.transport

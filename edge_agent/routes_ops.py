@@ -12,6 +12,8 @@ from edge_agent import service
 from edge_agent.api_models import SwapRequest, parse
 from edge_agent.errors import ApiError
 from edge_agent.keys import ADMIN, AUTH, CPU_THREADS, METRICS, PAGE, RUNNER, SETTINGS, STATE
+from edge_agent.noop import NOOP_VARIANT
+from edge_agent.noop import NOTE as NOOP_NOTE
 from edge_agent.openapi import openapi_document
 from edge_agent.routes_generate import read_json
 from edge_agent.swap import ModelLost, start_swap
@@ -70,7 +72,11 @@ async def models(request: web.Request) -> web.Response:
             "max_images": guard.max_images,
         },
         "cpu_threads": request.app[CPU_THREADS].to_dict(),
+        # True only for the no-op model (edge_agent.noop), which draws nothing: never a real model.
+        "benchmark_only": identity.variant == NOOP_VARIANT,
     }
+    if identity.variant == NOOP_VARIANT:
+        entry["note"] = NOOP_NOTE
     return web.json_response({"object": "list", "data": [entry]})
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from edge_agent.budget import RequestBudget, make_budget
 from edge_agent.jobs import MIME, JobOutput, Work
+from edge_agent.noop import NoopPipe
 from quantize.identity import LoadedModel, ModelIdentity
 from quantize.profiles import DeviceProfile
 from zimage_edge.errors import GenerationCancelled, ZimageEdgeError
@@ -37,7 +38,7 @@ class Loaded:
     """A model ready to install, and its request budget."""
 
     model: LoadedModel
-    budget: RequestBudget
+    budget: RequestBudget | None  # None: nothing to budget (the no-op model)
 
 
 class OutOfMemory(ZimageEdgeError):
@@ -69,6 +70,8 @@ def encode(image: Any, fmt: str) -> bytes:
 
 
 def default_batch_fn(pipe: Any, requests: Sequence[GenerationRequest], **kwargs: Any) -> list[Any]:
+    if isinstance(pipe, NoopPipe):  # the benchmarking stand-in (edge_agent.noop)
+        return pipe.generate_batch(requests, **kwargs)
     from zimage_edge.model.generate import generate_batch
 
     return generate_batch(pipe, requests, **kwargs)
@@ -95,7 +98,9 @@ class ModelRunner:
 
     def _load_sync(self, source: str, profile: DeviceProfile | None) -> Loaded:
         model = self._loader(source)
-        return Loaded(model, make_budget(model, profile))
+        # The no-op model has no weights and allocates nothing: there is nothing to budget.
+        budget = None if isinstance(model.pipe, NoopPipe) else make_budget(model, profile)
+        return Loaded(model, budget)
 
     def install(self, loaded: Loaded) -> None:
         """Switch to ``loaded``; callers do it between batches."""

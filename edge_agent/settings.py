@@ -108,7 +108,10 @@ class AgentSettings(BaseSettings):
         env_prefix="ZIMAGE_", env_nested_delimiter="__", extra="forbid", frozen=True, validate_default=True
     )
 
-    model: str = Field(description="artifact directory, diffusers directory or Hugging Face id (cached)")
+    model: str = Field(
+        description="artifact directory, diffusers directory or Hugging Face id (cached); "
+        "'noop' or 'noop:SIDE' serves the no-op benchmarking model, which draws nothing"
+    )
     host: str = Field(default="127.0.0.1", description="address to bind")
     port: int = Field(default=8188, ge=0, le=65535, description="port to bind (0: any free port)")
     node_name: str = Field(default="edge", description="this node's name in logs, metrics and /v1/models")
