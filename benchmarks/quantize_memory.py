@@ -26,13 +26,10 @@ from typing import Any
 
 from report import RESULTS, peak_rss, rss_now, run_fresh, write_results
 
+from quantize.specs import Z_IMAGE_TURBO_TRANSFORMER_CONFIG
+
 GIB = 1024**3
-REAL_CONFIG: dict[str, Any] = {
-    "all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 3840, "n_layers": 30,
-    "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True,
-    "cap_feat_dim": 2560, "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [32, 48, 48],
-    "axes_lens": [1536, 512, 512],
-}  # fmt: skip
+REAL_CONFIG = Z_IMAGE_TURBO_TRANSFORMER_CONFIG
 
 
 def write_checkpoint(directory: Path, layers: int) -> int:

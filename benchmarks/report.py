@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import resource
 import signal
 import subprocess
 import sys
@@ -15,19 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
+
+from quantize.peak_memory import peak_rss, rss_now
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def rss_now() -> int:
-    """Resident memory of this process now, in bytes."""
-    return int(psutil.Process().memory_info().rss)
-
-
-def peak_rss() -> int:
-    """The highest resident memory of this process so far, in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+__all__ = ["RESULTS", "agent_process", "peak_rss", "rss_now", "run_fresh", "write_results"]
 
 
 def run_fresh(script: str, *args: str, check: bool = True) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import random
 import socket
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any, Final, ParamSpec
 
 import paho.mqtt.client as paho
+import tomli_w
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -122,21 +122,19 @@ class MqttSettings(BaseModel):
     def toml(self) -> str:
         """These settings as the ``[mqtt]`` section of a process's TOML config: the broker's address and
         whatever differs from the defaults. Secrets are written in clear: the file must be private."""
-        lines = ["[mqtt]"]
+        return tomli_w.dumps({"mqtt": self.toml_values()})
+
+    def toml_values(self) -> dict[str, Any]:
+        """The values ``toml`` writes, for a config assembled as a whole."""
+        values: dict[str, Any] = {}
         for name, spec in type(self).model_fields.items():
             value = getattr(self, name)
             if value is None or (name not in ("host", "port") and value == spec.default):
                 continue
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
-            if isinstance(value, bool):
-                text = "true" if value else "false"
-            elif isinstance(value, int | float):
-                text = repr(value)
-            else:
-                text = json.dumps(str(value))  # a TOML basic string: the same quoting and escapes
-            lines.append(f"{name} = {text}")
-        return "\n".join(lines) + "\n"
+            values[name] = value if isinstance(value, bool | int | float | str) else str(value)
+        return values
 
     @model_validator(mode="after")
     def _check(self) -> MqttSettings:

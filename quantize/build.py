@@ -9,14 +9,12 @@ Running out of disk (or any other write failure) removes the partial directory a
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -47,7 +45,7 @@ from quantize.manifest import (
 )
 from quantize.planner import PLACEMENT_ORDER, Workload, estimate, placement_bytes
 from quantize.signing import sign_bytes
-from quantize.specs import ComponentSpec, ModelSpec
+from quantize.specs import ModelSpec, spec_from_dir
 from quantize.streaming import DEFAULT_MAX_SHARD_BYTES, ComponentResult, SourceWeights, count_units, quantize_component
 from quantize.variants import VariantRecipe
 from zimage_edge import __version__
@@ -73,7 +71,8 @@ class BuildOptions:
     facts: DeviceFacts | None = None  # where the quality gate runs (default: detected)
 
 
-def _library_versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries an artifact or a measurement depends on."""
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
@@ -175,7 +174,7 @@ def build_artifact(
             files=files,
             planner=_planner_prediction(spec, variant, "bfloat16"),
             quality=quality,
-            tool=ToolInfo(version=__version__, libraries=_library_versions()),
+            tool=ToolInfo(version=__version__, libraries=library_versions()),
             created_at=now_iso(),
         )
         data = manifest.canonical_bytes()
@@ -242,24 +241,7 @@ def _quantize_one(
 
 
 def _spec_from_results(src: Path, results: dict[str, ComponentResult]) -> ModelSpec:
-    def cfg(name: str) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((src / name / "config.json").read_text())
-        return data
-
-    def comp(name: str) -> ComponentSpec:
-        r = results[name]
-        return ComponentSpec(r.params, r.quantized_params, 0)
-
-    return ModelSpec(
-        name=str(src),
-        transformer=comp("transformer"),
-        text_encoder=comp("text_encoder"),
-        vae=comp("vae"),
-        transformer_dim=int(cfg("transformer")["dim"]),
-        text_hidden=int(cfg("text_encoder")["hidden_size"]),
-        text_layers=int(cfg("text_encoder")["num_hidden_layers"]),
-        vae_full_res_channels=int(cfg("vae")["block_out_channels"][0]),
-    )
+    return spec_from_dir(src, str(src), {name: (r.params, r.quantized_params) for name, r in results.items()})
 
 
 def _quality_gate(src: Path, tmp: Path, variant: VariantRecipe, options: BuildOptions) -> QualityReport:

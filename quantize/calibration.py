@@ -2,11 +2,16 @@
 
 Two kinds of numbers live here: activation factors measured by ``benchmarks/planner_calibration.py``
 (results in ``benchmarks/results/``), and allowances for the runtime. Run the benchmark on a device
-and replace a factor only with such a measurement behind it.
+and replace a factor only with such a measurement behind it. A device whose measured peaks differ
+from the model gets a ``MemoryCalibration`` fitted from ``zimage-edge bench device`` results
+(``zimage-edge plan --calibration``) instead of new constants for everyone.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from quantize.bench_results import DeviceBenchResults
 from zimage_edge.device import GIB
 
 # CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's first blocks. torch 2.x on
@@ -44,3 +49,49 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # the reference and the candidate both run in seconds even where the gate runs on a CPU; a shapes
 # model is compared at its own size, and ``zimage-edge quantize --quality-size`` raises it.
 QUALITY_GATE_SIDE = 256
+
+
+@dataclass(frozen=True)
+class MemoryCalibration:
+    """One device's measured corrections to the memory model, fitted from ``zimage-edge bench device``.
+
+    ``predicted peak = weights + overhead_bytes + activation_scale * activations``. Both are the
+    largest any measured point needed (overhead: memory held once loaded beyond the predicted weights;
+    scale: measured activation peak over predicted), so the calibrated model under-predicts none of
+    the points it was fitted on. Identity values leave the model as the constants above make it.
+    """
+
+    activation_scale: float = 1.0
+    overhead_bytes: int = 0
+    profile: str = ""
+    device: str = ""
+    source: str = ""
+    points: int = 0
+
+    def describe(self) -> str:
+        return (
+            f"calibrated on {self.device or self.profile} from {self.source or 'a benchmark'} ({self.points} points): "
+            f"activations x{self.activation_scale:.2f}, overhead {self.overhead_bytes / GIB:+.3f} GiB"
+        )
+
+
+def calibration_from_results(results: DeviceBenchResults, source: str = "") -> MemoryCalibration:
+    """Fit ``MemoryCalibration`` to a device benchmark's predicted and measured peaks."""
+    overheads = [a.load.loaded_bytes - c.predicted.weights_bytes for a in results.artifacts for c in a.cells]
+    scales = [
+        (c.peak_bytes - a.load.loaded_bytes) / c.predicted.activation_bytes
+        for a in results.artifacts
+        for c in a.cells
+        if c.predicted.activation_bytes > 0
+    ]
+    if not overheads:
+        raise ValueError(f"{source or 'the results'} hold no measured cell to calibrate with")
+    return MemoryCalibration(
+        # A run whose activations all fit in memory freed before (scale < 0) says nothing about them: keep 1.
+        activation_scale=max(scales) if scales and max(scales) > 0 else 1.0,
+        overhead_bytes=max(overheads),
+        profile=results.profile,
+        device=str(results.device.get("name", "")),
+        source=source,
+        points=len(overheads),
+    )

@@ -98,7 +98,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from quantize.planner import Workload, plan
     from quantize.profiles import PROFILES, get_profile, profile_from_facts
 
-    if args.detect:
+    calibration, measured_profile = _calibration(args.calibration) if args.calibration else (None, None)
+    if measured_profile is not None and not (args.detect or args.device):
+        profiles = [measured_profile]
+    elif args.detect:
         from zimage_edge.device import detect_device
 
         profiles = [profile_from_facts(detect_device())]
@@ -109,6 +112,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from exc
     else:
         profiles = list(PROFILES.values())
+    if calibration is not None and measured_profile is not None and profiles[0].name != measured_profile.name:
+        raise UsageError(
+            f"{args.calibration} was measured as profile {measured_profile.name!r}, not {profiles[0].name!r}: "
+            "a calibration applies to the device it was measured on"
+        )
     width, height = parse_size(args.resolution)
     try:
         workload = Workload(width=width, height=height, batch=args.batch, cfg=args.cfg)
@@ -116,7 +124,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     # Tables stay readable when piped (rich would fall back to 80 columns).
     console = Console(width=None if sys.stdout.isatty() else 120)
-    results = [plan(profile, workload) for profile in profiles]
+    results = [plan(profile, workload, calibration=calibration) for profile in profiles]
     if args.json:
         print(json.dumps([_plan_json(p) for p in results], indent=2))
         return 0
@@ -125,6 +133,22 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     else:
         _print_plan_summary(console, results)
     return 0
+
+
+def _calibration(path: str) -> tuple[Any, Any]:
+    """The memory calibration in a ``bench device`` results file, and the profile it was measured as."""
+    from quantize.bench_results import read_results
+    from quantize.calibration import calibration_from_results
+    from quantize.profiles import PROFILES, profile_from_facts
+    from zimage_edge.device import DeviceFacts
+
+    try:
+        results = read_results(Path(path))
+        calibration = calibration_from_results(results, source=Path(path).name)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    profile = PROFILES.get(results.profile) or profile_from_facts(DeviceFacts.from_dict(results.device))
+    return calibration, profile
 
 
 def _print_plan_detail(console: Any, result: Any) -> None:
@@ -169,12 +193,15 @@ def _print_plan_summary(console: Any, results: list[Any]) -> None:
 
 
 def _plan_json(result) -> dict:
+    from dataclasses import asdict
+
     choice = result.choice
     return {
         "profile": result.profile.name,
         "dtype": result.dtype,
         "choice": {"variant": choice.variant, "placement": str(choice.placement)} if choice else None,
         "explanation": result.explain(),
+        "calibration": asdict(result.calibration) if result.calibration else None,
         "rows": [
             {
                 "variant": r.variant,
@@ -242,6 +269,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--batch", type=int, default=1, help="images per batch (default 1)")
     pl.add_argument("--cfg", action="store_true", help="classifier-free guidance (doubles the transformer batch)")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.add_argument(
+        "--calibration",
+        help="results of `zimage-edge bench device` on the device: calibrate the memory model with them "
+        "(plans for the profile they were measured as unless --device or --detect is given)",
+    )
     pl.set_defaults(handler=_cmd_plan)
 
     keys = sub.add_parser("keys", help="signing keys")

@@ -27,7 +27,8 @@ from zimage_edge.model.loading import LoadedPipeline, LoadStats
 log = logging.getLogger(__name__)
 
 
-def _load_component(root: Path, name: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def load_component(root: Path, name: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """One weight component of an artifact (or a directory laid out like one) on ``device``, checked."""
     directory = root / name
     index_path = directory / WEIGHTS_INDEX
     if not index_path.is_file():
@@ -63,7 +64,7 @@ def load_components(root: Path, facts: DeviceFacts, policy: DtypePolicy) -> Any:
 
     dtype = getattr(torch, policy.dtype)
     device = torch.device(torch_device(facts))
-    modules = {name: _load_component(root, name, dtype, device) for name in WEIGHT_COMPONENTS}
+    modules = {name: load_component(root, name, dtype, device) for name in WEIGHT_COMPONENTS}
     pipe = ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
         tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),

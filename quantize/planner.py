@@ -17,7 +17,8 @@ Placements, fastest first:
 - ``sequential_offload``: weights stream to the GPU block by block (dedicated GPUs; slowest).
 
 The choice is the fastest placement that fits, and within it the best-quality variant that fits and
-that the device can run (fp8 needs sm >= 80).
+that the device can run (fp8 needs sm >= 80). A ``MemoryCalibration`` measured on the device
+(``quantize.calibration``) scales the activations and adds the runtime's overhead to every device peak.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from quantize import calibration as cal
+from quantize.calibration import MemoryCalibration
 from quantize.profiles import DeviceProfile
 from quantize.specs import Z_IMAGE_TURBO, ComponentSpec, ModelSpec
 from quantize.variants import QTYPES, VARIANTS, ComponentRecipe, VariantRecipe
@@ -72,6 +74,7 @@ class MemoryEstimate:
     weights: dict[str, int]
     activations: dict[str, int]
     largest_unit: int
+    overhead: int = 0  # measured runtime memory beyond the weights (a device's calibration), else 0
 
     @property
     def total_weights(self) -> int:
@@ -102,6 +105,7 @@ class Plan:
     dtype: str
     rows: list[PlanRow]
     choice: PlanRow | None
+    calibration: MemoryCalibration | None = None
 
     def explain(self) -> str:
         if self.choice is None:
@@ -119,6 +123,7 @@ class Plan:
             f"{c.variant} with placement {c.placement}: needs {gib(c.device_bytes)} of "
             f"{gib(c.budget_bytes)} ({gib(c.margin_bytes)} spare) on {self.profile.description} "
             f"in {self.dtype}; it is the fastest placement that fits and the best-quality variant within it"
+            + (f"; {self.calibration.describe()}" if self.calibration else "")
         )
 
 
@@ -133,8 +138,14 @@ def _component_weights(spec: ComponentSpec, recipe: ComponentRecipe, dtype_bytes
     return int(spec.quantizable_params * info.bytes_per_weight + spec.other_params * dtype_bytes)
 
 
-def estimate(model: ModelSpec, variant: VariantRecipe, dtype: str, workload: Workload) -> MemoryEstimate:
-    """Weights and activation peaks per component."""
+def estimate(
+    model: ModelSpec,
+    variant: VariantRecipe,
+    dtype: str,
+    workload: Workload,
+    calibration: MemoryCalibration | None = None,
+) -> MemoryEstimate:
+    """Weights and activation peaks per component (activations scaled by the device's calibration)."""
     b = cal.DTYPE_BYTES[dtype]
     weights = {
         name: _component_weights(model.component(name), variant.component(name), b)
@@ -159,31 +170,37 @@ def estimate(model: ModelSpec, variant: VariantRecipe, dtype: str, workload: Wor
         )
         for name, spec in (("transformer", model.transformer), ("text_encoder", model.text_encoder), ("vae", model.vae))
     )
+    scale = calibration.activation_scale if calibration else 1.0
     return MemoryEstimate(
         weights=weights,
-        activations={"transformer": int(act_tr), "vae": int(act_vae), "text_encoder": int(act_te)},
+        activations={
+            "transformer": int(act_tr * scale),
+            "vae": int(act_vae * scale),
+            "text_encoder": int(act_te * scale),
+        },
         largest_unit=largest,
+        overhead=calibration.overhead_bytes if calibration else 0,
     )
 
 
 def placement_bytes(est: MemoryEstimate, placement: Placement) -> tuple[int, int]:
     """(device bytes, host bytes) at the peak, before context and headroom."""
-    w, a = est.weights, est.activations
+    w, a, extra = est.weights, est.activations, est.overhead
     denoise_and_decode = w["transformer"] + w["vae"] + max(a["transformer"], a["vae"])
     if placement is Placement.RESIDENT:
-        return w["text_encoder"] + denoise_and_decode, 0
+        return w["text_encoder"] + denoise_and_decode + extra, 0
     if placement is Placement.MODEL_OFFLOAD:
         device = max(w["text_encoder"] + a["text_encoder"], w["transformer"] + a["transformer"], w["vae"] + a["vae"])
-        return device, est.total_weights
+        return device + extra, est.total_weights
     if placement is Placement.TE_FREED:
         device = max(w["text_encoder"] + a["text_encoder"], denoise_and_decode)
         # The encoder is read from disk for each batch; nothing extra stays in host RAM.
-        return device, 0
+        return device + extra, 0
     device = est.largest_unit + max(a.values())
-    return device, est.total_weights
+    return device + extra, est.total_weights
 
 
-def _budget(profile: DeviceProfile) -> tuple[int, int]:
+def budget(profile: DeviceProfile) -> tuple[int, int]:
     """Usable device bytes and host bytes for the model."""
     memory = int(profile.memory_gib * GIB) - int(profile.reserved_gib * GIB)
     if profile.kind.value != "cpu":
@@ -198,16 +215,17 @@ def plan(
     workload: Workload | None = None,
     model: ModelSpec = Z_IMAGE_TURBO,
     variants: list[VariantRecipe] | None = None,
+    calibration: MemoryCalibration | None = None,
 ) -> Plan:
-    """Rows for every variant x placement, and the choice."""
+    """Rows for every variant x placement, and the choice (with the device's calibration, when given)."""
     workload = workload or Workload()
     candidates = sorted(variants or list(VARIANTS.values()), key=lambda v: v.quality_rank)
     policy = profile.policy()
-    budget, host_budget = _budget(profile)
+    device_budget, host_budget = budget(profile)
     rows: list[PlanRow] = []
     for placement in PLACEMENT_ORDER:
         for variant in candidates:
-            est = estimate(model, variant, policy.dtype, workload)
+            est = estimate(model, variant, policy.dtype, workload, calibration)
             device, host = placement_bytes(est, placement)
             if placement in DEDICATED_ONLY and profile.unified:
                 reason = "n/a: unified memory"
@@ -215,8 +233,8 @@ def plan(
             elif variant.needs_fp8_support and not policy.supports_fp8:
                 reason = "n/a: no fp8 kernels"
                 fits = False
-            elif device > budget:
-                reason = f"short {gib(device - budget)} device"
+            elif device > device_budget:
+                reason = f"short {gib(device - device_budget)} device"
                 fits = False
             elif host > host_budget:
                 reason = f"short {gib(host - host_budget)} host RAM"
@@ -224,6 +242,14 @@ def plan(
             else:
                 reason = "fits"
                 fits = True
-            rows.append(PlanRow(variant.name, placement, device, host, budget, host_budget, fits, reason))
+            rows.append(PlanRow(variant.name, placement, device, host, device_budget, host_budget, fits, reason))
     choice = next((r for r in rows if r.fits), None)
-    return Plan(profile=profile, workload=workload, model=model, dtype=policy.dtype, rows=rows, choice=choice)
+    return Plan(
+        profile=profile,
+        workload=workload,
+        model=model,
+        dtype=policy.dtype,
+        rows=rows,
+        choice=choice,
+        calibration=calibration,
+    )

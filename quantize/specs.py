@@ -6,7 +6,10 @@ Torch-free data; ``spec_from_pipeline`` counts a loaded pipeline (the agent's re
 from __future__ import annotations
 
 import fnmatch
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -52,6 +55,41 @@ Z_IMAGE_TURBO = ModelSpec(
     text_layers=36,
     vae_full_res_channels=128,
 )
+
+
+def spec_from_dir(root: Path, name: str, counts: Mapping[str, tuple[int, int]]) -> ModelSpec:
+    """The spec of a pipeline directory from its component configs and (params, quantized params) per
+    weight component, as a build counted them or an artifact's manifest records them. The offload
+    unit is not known from counts alone (0)."""
+
+    def config(component: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((Path(root) / component / "config.json").read_text())
+        return data
+
+    def component(key: str) -> ComponentSpec:
+        params, quantized = counts[key]
+        return ComponentSpec(params, quantized, 0)
+
+    return ModelSpec(
+        name=name,
+        transformer=component("transformer"),
+        text_encoder=component("text_encoder"),
+        vae=component("vae"),
+        transformer_dim=int(config("transformer")["dim"]),
+        text_hidden=int(config("text_encoder")["hidden_size"]),
+        text_layers=int(config("text_encoder")["num_hidden_layers"]),
+        vae_full_res_channels=int(config("vae")["block_out_channels"][0]),
+    )
+
+
+# The real transformer's config (``ZImageTransformer2DModel``), for benchmarks that build it with random
+# weights on the meta device or a GPU instead of downloading the checkpoint.
+Z_IMAGE_TURBO_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 3840, "n_layers": 30,
+    "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True,
+    "cap_feat_dim": 2560, "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [32, 48, 48],
+    "axes_lens": [1536, 512, 512],
+}  # fmt: skip
 
 
 def count_component(module: Any, exclude: tuple[str, ...] = ()) -> ComponentSpec:
