@@ -37,14 +37,18 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import tomli_w
 from PIL import Image
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
 from fleet.broker import MosquittoBroker, free_port
+from fleet.cli import ControllerSettings
+from fleet.node import NodeConfig
 from fleet.postgres import die_with_parent
 from fleet.release_build import SHAPES_MODEL, BuildError, quantize_artifact
-from fleet.security import BrokerLimits, Credentials, init_pki, provision_controller, provision_nodes
+from fleet.security import BrokerLimits, init_pki, provision_controller, provision_nodes
 from quantize.signing import generate_keypair
 from zimage_edge.shapes.data import parse_caption
 from zimage_edge.shapes.metric import Reading, read_image
@@ -203,10 +207,6 @@ class Endpoints:
     client_key: str  # what an on-site app sends to the agents
 
 
-def _toml_str(value: object) -> str:
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 async def start_site(site: Site, release: Release, console: Console) -> Endpoints:
     run = site.run
     pki = init_pki(run / "pki").root
@@ -220,15 +220,14 @@ async def start_site(site: Site, release: Release, console: Console) -> Endpoint
 
     token, client_key, node_key = (secrets.token_urlsafe(18) for _ in range(3))
     controller_port = free_port()
-    controller_cfg = run / "controller.toml"
-    _write_private(controller_cfg, "\n".join([
-        'controller_id = "demo-controller"',
-        f"database = {_toml_str(run / 'fleet.db')}",
-        f"port = {controller_port}",
-        f"api_token = {_toml_str(token)}",
-        f"signing_public_keys = [{_toml_str(release.public_key)}]",
-        _mqtt(controller_creds, broker),
-    ]))  # fmt: skip
+    controller_cfg = _write_config(run / "controller.toml", ControllerSettings, {
+        "controller_id": "demo-controller",
+        "database": str(run / "fleet.db"),
+        "port": controller_port,
+        "api_token": token,
+        "signing_public_keys": [str(release.public_key)],
+        "mqtt": controller_creds.mqtt_settings(broker.host, broker.port).toml_values(),
+    })  # fmt: skip
     await site.start("controller", "fleet", "controller", "--config", str(controller_cfg))
     controller = f"http://127.0.0.1:{controller_port}"
 
@@ -238,46 +237,40 @@ async def start_site(site: Site, release: Release, console: Console) -> Endpoint
     for node in DEMO_NODES:
         port = free_port()
         agents[node.name] = f"http://127.0.0.1:{port}"
-        agent_cfg = run / f"agent-{node.name}.toml"
-        _write_private(agent_cfg, "\n".join([
-            f"model = {_toml_str(first)}",
-            f"port = {port}",
-            f"node_name = {_toml_str(node.name)}",
-            f"device_profile = {_toml_str(node.profile)}",
-            f"trusted_keys = [{_toml_str(release.public_key)}]",
-            "[cpu]",
-            f"share = {len(DEMO_NODES)}  # three agents on this machine: each a third of its CPUs",
-            "[[api_keys]]",
-            'name = "node"',
-            f'sha256 = "{hashlib.sha256(node_key.encode()).hexdigest()}"',
-            "admin = true",
-            "[[api_keys]]",
-            'name = "on-site-app"',
-            f'sha256 = "{hashlib.sha256(client_key.encode()).hexdigest()}"',
-        ]))  # fmt: skip
+        agent_cfg = _write_config(run / f"agent-{node.name}.toml", None, {
+            "model": str(first),
+            "port": port,
+            "node_name": node.name,
+            "device_profile": node.profile,
+            "trusted_keys": [str(release.public_key)],
+            "cpu": {"share": len(DEMO_NODES)},  # the agents share this machine: each a part of its CPUs
+            "api_keys": [
+                {"name": "node", "sha256": hashlib.sha256(node_key.encode()).hexdigest(), "admin": True},
+                {"name": "on-site-app", "sha256": hashlib.sha256(client_key.encode()).hexdigest()},
+            ],
+        })  # fmt: skip
         await site.start(f"agent-{node.name}", "serve", "--config", str(agent_cfg))
-        node_cfg = run / f"node-{node.name}.toml"
-        _write_private(node_cfg, "\n".join([
-            f"node_id = {_toml_str(node.name)}",
-            f"agent_url = {_toml_str(agents[node.name])}",
-            f"agent_key = {_toml_str(node_key)}",
-            f"store_dir = {_toml_str(run / 'stores' / node.name)}",
-            f"telemetry_interval_s = {TELEMETRY_INTERVAL_S}",
-            f"trusted_keys = [{_toml_str(release.public_key)}]",
-            f"labels = {{ site = {_toml_str(SITE)}, class = {_toml_str(node.profile)} }}",
-            _mqtt(node_creds[node.name], broker),
-        ]))  # fmt: skip
+        node_cfg = _write_config(run / f"node-{node.name}.toml", NodeConfig, {
+            "node_id": node.name,
+            "agent_url": agents[node.name],
+            "agent_key": node_key,
+            "store_dir": str(run / "stores" / node.name),
+            "telemetry_interval_s": TELEMETRY_INTERVAL_S,
+            "trusted_keys": [str(release.public_key)],
+            "labels": {"site": SITE, "class": node.profile},
+            "mqtt": node_creds[node.name].mqtt_settings(broker.host, broker.port).toml_values(),
+        })  # fmt: skip
         await site.start(f"node-{node.name}", "node", "--config", str(node_cfg), "--device-profile", node.profile)
     return Endpoints(controller, token, agents, client_key)
 
 
-def _mqtt(credentials: Credentials, broker: MosquittoBroker) -> str:
-    return credentials.mqtt_settings(broker.host, broker.port).toml()
-
-
-def _write_private(path: Path, text: str) -> None:
+def _write_config(path: Path, schema: type[BaseModel] | None, values: dict[str, Any]) -> Path:
+    """A process's TOML config, checked against its settings class first (the agent checks its own)."""
+    if schema is not None:
+        schema.model_validate(values)
     path.touch(mode=0o600)  # secrets inside: the tokens, the broker passwords
-    path.write_text(text + "\n")
+    path.write_text(tomli_w.dumps(values))
+    return path
 
 
 async def _wait(site: Site, predicate: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
