@@ -22,7 +22,8 @@ from fleet import rollout as ro
 from fleet.artifact_server import add_artifact_routes
 from fleet.auth import ApiToken, Role, TokenBook
 from fleet.controller import Controller
-from fleet.store import NAME_LENGTH, NodeRecord, StoreError
+from fleet.schema import NAME_LENGTH, StoreError
+from fleet.store import NodeRecord
 from quantize.manifest import ArtifactError
 
 # One node first, then a tenth, half, all: a bad variant shows on one site before it reaches many.

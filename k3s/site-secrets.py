@@ -44,7 +44,7 @@ from fleet.auth import ApiToken, Role
 from fleet.cli import ControllerSettings
 from fleet.mqtt import MqttSettings
 from fleet.node import NodeConfig
-from fleet.store import database_url
+from fleet.schema import database_url
 from quantize.signing import load_public_key
 from zimage_edge.errors import ZimageEdgeError
 

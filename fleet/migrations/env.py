@@ -11,7 +11,7 @@ from alembic import context
 from sqlalchemy import Connection, create_engine
 from sqlalchemy.pool import NullPool
 
-from fleet.store import metadata
+from fleet.schema import metadata
 
 config = context.config
 

@@ -15,7 +15,7 @@ revision = ${repr(up_revision)}
 down_revision = ${repr(down_revision)}
 branch_labels = ${repr(branch_labels)}
 depends_on = ${repr(depends_on)}
-# The schema version this revision makes (kept in the ``meta`` table; see fleet.store).
+# The schema version this revision makes (kept in the ``meta`` table; see fleet.schema).
 schema_version = None
 
 

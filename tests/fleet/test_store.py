@@ -15,18 +15,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text, update
 
+from fleet import schema as schema_module
 from fleet import store as store_module
 from fleet.rollout import Gates, NodePhase, RolloutSpec, RolloutStatus, SetDesired, Target, Telemetry, start, step
-from fleet.store import (
-    Failure,
-    Gap,
-    Ingested,
-    SchemaVersionError,
-    Store,
-    StoreError,
-    TelemetrySample,
-    database_url,
-)
+from fleet.schema import SchemaVersionError, StoreError, database_url
+from fleet.store import Failure, Gap, Ingested, Store, TelemetrySample
 from quantize.manifest import (
     ComponentInfo,
     FileEntry,
@@ -94,7 +87,7 @@ def samples(node: str, *seqs: int) -> list[TelemetrySample]:
 def test_sqlite_runs_in_wal_with_a_busy_timeout(tmp_path: Path) -> None:
     with Store.open(tmp_path / "fleet.db") as store, store.engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
-        assert conn.execute(text("PRAGMA busy_timeout")).scalar_one() == store_module.SQLITE_BUSY_TIMEOUT_MS
+        assert conn.execute(text("PRAGMA busy_timeout")).scalar_one() == schema_module.SQLITE_BUSY_TIMEOUT_MS
         assert conn.execute(text("PRAGMA foreign_keys")).scalar_one() == 1
 
 
@@ -107,13 +100,13 @@ def test_the_switch_to_wal_waits_out_another_connections_write_lock(
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # the write lock, on a new file, as a replica's migration takes it
     retried = threading.Event()
-    real_sleep = store_module.time.sleep
+    real_sleep = schema_module.time.sleep
 
     def sleep(seconds: float) -> None:
         retried.set()
         real_sleep(seconds)
 
-    monkeypatch.setattr(store_module.time, "sleep", sleep)
+    monkeypatch.setattr(schema_module.time, "sleep", sleep)
     with ThreadPoolExecutor(1, thread_name_prefix="open-store") as pool:
         opening = pool.submit(Store.open, path)
         assert retried.wait(10), "the store never asked again"
@@ -126,7 +119,7 @@ def test_the_switch_to_wal_waits_out_another_connections_write_lock(
 
 def test_the_switch_to_wal_gives_up_with_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "fleet.db"
-    monkeypatch.setattr(store_module, "SQLITE_BUSY_TIMEOUT_MS", 50)
+    monkeypatch.setattr(schema_module, "SQLITE_BUSY_TIMEOUT_MS", 50)
     with closing(sqlite3.connect(path, isolation_level=None)) as holder:
         holder.execute("BEGIN IMMEDIATE")
         with pytest.raises(StoreError, match="could not switch the database to WAL mode: database is locked"):
@@ -361,7 +354,7 @@ def test_a_newer_schema_is_refused(db: str, clock: Clock) -> None:
     Store.open(db, clock=clock).close()
     engine = create_engine(database_url(db))
     with engine.begin() as conn:
-        conn.execute(update(store_module.meta).values(value=str(store_module.SCHEMA_VERSION + 1)))
+        conn.execute(update(schema_module.meta).values(value=str(schema_module.SCHEMA_VERSION + 1)))
     engine.dispose()
     with pytest.raises(SchemaVersionError, match="newer than this zimage-edge's"):
         Store.open(db, clock=clock)
@@ -377,7 +370,7 @@ def test_a_database_that_is_not_a_fleet_store_is_refused(db: str, clock: Clock) 
 
 
 def test_a_new_store_records_its_schema_version(store: Store) -> None:
-    assert store.schema_version == store_module.SCHEMA_VERSION
+    assert store.schema_version == schema_module.SCHEMA_VERSION
 
 
 def test_drop_counters_add_up(store: Store) -> None:
@@ -399,7 +392,7 @@ def test_numbers_json_cannot_hold_are_stored_as_null(store: Store) -> None:
 def test_a_name_longer_than_its_column_is_refused_on_every_engine(store: Store, clock: Clock) -> None:
     """The API takes release names of up to 200 characters; PostgreSQL would fail the write mid-transaction
     and SQLite would keep the name: both refuse it, before writing anything."""
-    longest = "r" * store_module.NAME_LENGTH
+    longest = "r" * schema_module.NAME_LENGTH
     store.add_release(longest, [manifest("int8")])
     with pytest.raises(StoreError, match="1-128 characters, not 129"):
         store.add_release(longest + "r", [manifest("int8")])

@@ -39,20 +39,19 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.pool import NullPool
 
-from fleet import store as store_module
+from fleet import schema as schema_module
 from fleet.cli import ControllerSettings
 from fleet.rollout import RolloutSpec, Telemetry, start
-from fleet.store import (
+from fleet.schema import (
     SCHEMA_VERSION,
     SchemaVersionError,
-    Store,
     StoreError,
-    TelemetrySample,
     alembic_config,
     database_url,
     metadata,
     schema_revisions,
 )
+from fleet.store import Store, TelemetrySample
 from quantize.manifest import artifact_id
 from quantize.profiles import PROFILES
 from tests.fleet.test_store import Clock, manifest
@@ -263,7 +262,7 @@ def test_a_version_1_database_keeps_its_data_through_the_upgrade(db: str, clock:
         assert n2.telemetry == Telemetry(at=994.0, error_rate=None, p95_ms=None)
         assert n3.telemetry is None
         with store.engine.begin() as conn:
-            seqs = dict(conn.execute(select(store_module.nodes.c.id, store_module.nodes.c.telemetry_seq)).all())
+            seqs = dict(conn.execute(select(schema_module.nodes.c.id, schema_module.nodes.c.telemetry_seq)).all())
         assert seqs == {"n1": 2, "n2": 7, "n3": None}
         assert store.get_node("ghost") is None
         stored = store.get_release("r1")
@@ -284,9 +283,9 @@ def test_a_version_2_database_from_before_alembic_is_stamped_as_it_is(db: str) -
     version 3 added), ``meta`` at 2."""
     with connect(db) as conn:
         metadata.create_all(conn, tables=[table for table in metadata.sorted_tables if table.name != "leases"])
-        conn.execute(store_module.meta.insert().values(key="schema_version", value="2"))
+        conn.execute(schema_module.meta.insert().values(key="schema_version", value="2"))
         conn.execute(
-            store_module.nodes.insert().values(
+            schema_module.nodes.insert().values(
                 id="n1",
                 labels={},
                 reported_generation=1,
@@ -334,7 +333,7 @@ def test_a_newer_schema_version_in_meta_is_refused_before_alembic_looks(db: str)
     Store.open(db).close()
     with connect(db) as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
-        conn.execute(update(store_module.meta).values(value=str(SCHEMA_VERSION + 1)))
+        conn.execute(update(schema_module.meta).values(value=str(SCHEMA_VERSION + 1)))
     with pytest.raises(SchemaVersionError, match=f"schema version {SCHEMA_VERSION + 1}, newer than"):
         Store.open(db)
 
@@ -361,7 +360,7 @@ def migration_lock_held(db: str) -> Iterator[None]:
     try:
         with engine.connect() as conn:
             if engine.dialect.name == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": store_module.MIGRATION_LOCK_KEY})
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": schema_module.MIGRATION_LOCK_KEY})
             else:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
             yield
@@ -372,8 +371,8 @@ def migration_lock_held(db: str) -> Iterator[None]:
 
 def test_an_open_waits_for_another_replicas_migration_lock(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     Store.open(db).close()  # the file exists (SQLite), so that a lock on it can be held
-    monkeypatch.setattr(store_module, "MIGRATION_LOCK_TIMEOUT_S", 0.05)
-    monkeypatch.setattr(store_module, "SQLITE_BUSY_TIMEOUT_MS", 50)
+    monkeypatch.setattr(schema_module, "MIGRATION_LOCK_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(schema_module, "SQLITE_BUSY_TIMEOUT_MS", 50)
     with migration_lock_held(db), pytest.raises(StoreError, match="holds the store's migration lock"):
         Store.open(db)
     with Store.open(db) as store:  # released: it opens

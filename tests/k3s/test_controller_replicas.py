@@ -33,7 +33,7 @@ K3S_LOCAL_STORAGE = "local-path"
 
 
 def backend(database: str) -> str:
-    from fleet.store import database_url
+    from fleet.schema import database_url
 
     return make_url(database_url(database)).get_backend_name()
 

@@ -17,7 +17,7 @@ revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
-# The schema version this revision makes (kept in the ``meta`` table; see fleet.store).
+# The schema version this revision makes (kept in the ``meta`` table; see fleet.schema).
 schema_version = 1
 
 NAME_LENGTH = 128

@@ -21,14 +21,14 @@ revision = "0002"
 down_revision = "0001"
 branch_labels = None
 depends_on = None
-# The schema version this revision makes (kept in the ``meta`` table; see fleet.store).
+# The schema version this revision makes (kept in the ``meta`` table; see fleet.schema).
 schema_version = 2
 
 JSONValue = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 COLUMNS = ("telemetry_seq", "telemetry_at", "worst_error_rate", "worst_p95_ms")
 TELEMETRY = "telemetry"  # the kind of a telemetry sample; an event's is "events"
 
-# The tables as this revision reads and writes them (never fleet.store's: those move on).
+# The tables as this revision reads and writes them (never fleet.schema's: those move on).
 meta = sa.table("meta", sa.column("key", sa.String), sa.column("value", sa.String))
 nodes = sa.table(
     "nodes",

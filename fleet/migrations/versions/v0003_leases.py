@@ -16,10 +16,10 @@ revision = "0003"
 down_revision = "0002"
 branch_labels = None
 depends_on = None
-# The schema version this revision makes (kept in the ``meta`` table; see fleet.store).
+# The schema version this revision makes (kept in the ``meta`` table; see fleet.schema).
 schema_version = 3
 
-NAME_LENGTH = 128  # fleet.store.NAME_LENGTH when this revision was written
+NAME_LENGTH = 128  # fleet.schema.NAME_LENGTH when this revision was written
 
 meta = sa.table("meta", sa.column("key", sa.String), sa.column("value", sa.String))
 
