@@ -26,7 +26,7 @@ from enum import StrEnum
 from fractions import Fraction
 from typing import Any, NamedTuple
 
-from quantize.planner import Workload, gib, plan
+from quantize.planner import Workload, gib, plan_variants
 from quantize.profiles import profile_from_facts
 from quantize.specs import Z_IMAGE_TURBO, ModelSpec
 from quantize.variants import VariantRecipe
@@ -672,6 +672,8 @@ class ReleaseVariant:
     recipe: VariantRecipe
     artifact: str
     bytes: int
+    # The variant's own parameter counts when they are not the release model's (a distilled student).
+    model: ModelSpec | None = None
 
     @property
     def name(self) -> str:
@@ -699,7 +701,8 @@ def choose_variant(
     by_name = {variant.name: variant for variant in variants}
     if not by_name:
         return VariantChoice(None, "the release has no variants")
-    result = plan(profile_from_facts(facts), workload, model, [variant.recipe for variant in variants])
+    candidates = [(variant.recipe, variant.model or model) for variant in variants]
+    result = plan_variants(profile_from_facts(facts), workload, candidates, model)
     if pinned is not None:
         if pinned not in by_name:
             return VariantChoice(

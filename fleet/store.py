@@ -51,7 +51,9 @@ from fleet.schema import (
     telemetry,
     telemetry_gaps,
 )
+from quantize.distill.spec import spec_of_student
 from quantize.manifest import Manifest, artifact_id
+from quantize.specs import Z_IMAGE_TURBO
 from quantize.variants import VariantRecipe
 from zimage_edge.device import DeviceFacts
 
@@ -108,9 +110,12 @@ class ReleaseVariantRecord:
     manifest: Manifest
 
     def release_variant(self) -> ReleaseVariant:
-        """What ``fleet.rollout.choose_variant`` needs: the recipe the artifact was made with, and its size."""
+        """What ``fleet.rollout.choose_variant`` needs: the recipe the artifact was made with, its size, and
+        for a distilled student the parameter counts it stands for (the planner sizes it by those)."""
         recipe = VariantRecipe.from_dict(self.manifest.variant.model_dump(mode="json"))
-        return ReleaseVariant(recipe, self.artifact_id, self.bytes)
+        distilled = self.manifest.distillation
+        model = spec_of_student(Z_IMAGE_TURBO, distilled.components) if distilled is not None else None
+        return ReleaseVariant(recipe, self.artifact_id, self.bytes, model)
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,11 @@ class TelemetryRecord:
 
 # URL schemes that name PostgreSQL without a driver: SQLAlchemy would pick psycopg2, which is not
 # installed; psycopg 3 is (pyproject.toml). ``postgres://`` is what Heroku-style settings give.
+def _model_of(manifest: Manifest) -> str:
+    """The content hash of the model an artifact is a variant of (a student's: its teacher's)."""
+    return manifest.distillation.teacher_sha256 if manifest.distillation is not None else manifest.source.sha256
+
+
 def _checked_name(what: str, name: str) -> str:
     """Names are primary keys of ``NAME_LENGTH`` characters: PostgreSQL refuses a longer one mid-write, and
     SQLite would keep it; refuse it up front on both, as a ``StoreError`` the API reports as a bad request."""
@@ -366,7 +376,9 @@ class Store:
             raise StoreError(f"release {name!r} has no artifacts")
         if len(by_variant) != len(manifests):
             raise StoreError(f"release {name!r} has two artifacts of the same variant")
-        sources = {(manifest.model_id, manifest.source.sha256) for manifest in manifests}
+        # One model per release: a distilled student counts as its teacher's (``int4`` and ``student-int8``
+        # of one model side by side), compared by the content hash both records keep.
+        sources = {_model_of(manifest) for manifest in manifests}
         if len(sources) > 1:
             raise StoreError(f"release {name!r} mixes artifacts of different models: {sorted(sources)}")
         if unknown := set(urls) - set(by_variant):

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from quantize import quality as q
 from quantize.backend import BACKENDS, DEFAULT_BACKEND, QuantBackend
 from quantize.components import build_skeleton, component_class
+from quantize.distill.recipe import STUDENT_MARKER, read_student_info
 from quantize.load import load_components
 from quantize.manifest import (
     MANIFEST_NAME,
@@ -30,6 +31,7 @@ from quantize.manifest import (
     SIGNATURE_NAME,
     ArtifactError,
     ComponentInfo,
+    DistillationRecord,
     Manifest,
     PlannerRecord,
     QualityReport,
@@ -47,7 +49,7 @@ from quantize.planner import PLACEMENT_ORDER, Workload, estimate, placement_byte
 from quantize.signing import sign_bytes
 from quantize.specs import ModelSpec, spec_from_dir
 from quantize.streaming import DEFAULT_MAX_SHARD_BYTES, ComponentResult, SourceWeights, count_units, quantize_component
-from quantize.variants import VariantRecipe
+from quantize.variants import VariantRecipe, student_variant
 from zimage_edge import __version__
 from zimage_edge.device import DeviceFacts, detect_device, dtype_policy
 from zimage_edge.model.layout import FILE_COMPONENTS, MODEL_INDEX, WEIGHT_COMPONENTS
@@ -131,6 +133,11 @@ def build_artifact(
     if is_artifact(src) or is_partial(src):
         raise ArtifactError(f"{src} is an artifact (or a partial one); quantize the original checkpoint instead")
     validate_pipeline_dir(src)
+    distillation = _distillation(src)
+    if distillation is not None:
+        # A student's artifacts carry their own names, so a release can hold ``int4`` of the full model
+        # and ``student-int8`` side by side.
+        variant = student_variant(variant)
     storage_dtype = getattr(torch, variant.storage_dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -138,8 +145,9 @@ def build_artifact(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=out.parent))
     try:
         shutil.copy2(src / MODEL_INDEX, tmp / MODEL_INDEX)
-        if (src / SHAPES_MARKER).is_file():
-            shutil.copy2(src / SHAPES_MARKER, tmp / SHAPES_MARKER)
+        for marker in (SHAPES_MARKER, STUDENT_MARKER):
+            if (src / marker).is_file():
+                shutil.copy2(src / marker, tmp / marker)
         for name in FILE_COMPONENTS:
             shutil.copytree(src / name, tmp / name)
         results: dict[str, ComponentResult] = {}
@@ -176,6 +184,7 @@ def build_artifact(
             quality=quality,
             tool=ToolInfo(version=__version__, libraries=library_versions()),
             created_at=now_iso(),
+            distillation=distillation,
         )
         data = manifest.canonical_bytes()
         (tmp / MANIFEST_NAME).write_bytes(data)
@@ -192,6 +201,12 @@ def build_artifact(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _distillation(src: Path) -> DistillationRecord | None:
+    """The student record of a distilled source, as the manifest keeps it (None for any other model)."""
+    info = read_student_info(src)
+    return DistillationRecord.model_validate(info.to_dict()) if info is not None else None
 
 
 def _write_failure(out: Path, exc: OSError | SafetensorError) -> str:

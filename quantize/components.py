@@ -8,6 +8,7 @@ Non-persistent buffers are not in any state dict; each class that has them gets 
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -19,13 +20,19 @@ from torch import nn
 from quantize.manifest import ArtifactError
 
 LIBRARIES = ("diffusers", "transformers")
+# Component classes of this project that a pipeline directory may name instead (a distilled text
+# encoder); ``save_pretrained`` records them under their module path.
+PROJECT_CLASSES: dict[tuple[str, str], str] = {
+    ("zimage_edge.model.text_student", "CaptionProjectedQwen3Model"): "transformers",
+}
 
 
 def component_class(root: Path, name: str) -> tuple[str, str]:
     """(library, class name) of a component, from ``model_index.json``."""
     index = json.loads((root / "model_index.json").read_text())
     entry = index.get(name)
-    if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in LIBRARIES):
+    known = isinstance(entry, list) and len(entry) == 2 and (entry[0] in LIBRARIES or tuple(entry) in PROJECT_CLASSES)
+    if not known:
         raise ArtifactError(f"{root / 'model_index.json'}: component {name!r} has no loadable class ({entry!r})")
     return str(entry[0]), str(entry[1])
 
@@ -35,7 +42,12 @@ def build_skeleton(component_dir: Path, library: str, class_name: str, dtype: to
     import diffusers
     import transformers
 
-    cls = getattr(diffusers if library == "diffusers" else transformers, class_name, None)
+    if (library, class_name) in PROJECT_CLASSES:
+        module_of = importlib.import_module(library)
+        library = PROJECT_CLASSES[(library, class_name)]
+    else:
+        module_of = diffusers if library == "diffusers" else transformers
+    cls = getattr(module_of, class_name, None)
     if cls is None:
         raise ArtifactError(f"{library} has no class {class_name!r} (needed for {component_dir})")
     with torch.device("meta"):
@@ -59,6 +71,7 @@ def _restore_qwen_rotary(module: Any, device: torch.device) -> None:
 RESTORERS: dict[str, Callable[[Any, torch.device], None]] = {
     "Qwen3Model": _restore_qwen_rotary,
     "Qwen2Model": _restore_qwen_rotary,
+    "CaptionProjectedQwen3Model": _restore_qwen_rotary,
 }
 
 

@@ -132,6 +132,15 @@ class ToolInfo(_Model):
     libraries: dict[str, str]
 
 
+class DistillationRecord(_Model):
+    """What a distilled student was made from and how (the student's ``zimage_edge_student.json``)."""
+
+    teacher_id: str = Field(description="the teacher the student replaces: a Hugging Face id or a directory name")
+    teacher_sha256: str = Field(description="sha256 over the teacher's file list and file hashes")
+    components: dict[str, dict[str, Any]] = Field(description="distilled component -> recipe, layers kept, sizes")
+    quality: dict[str, Any] = Field(description="measured against the teacher: PSNR/SSIM, prompt adherence")
+
+
 class Manifest(_Model):
     format_version: int = FORMAT_VERSION
     model_id: str
@@ -143,6 +152,9 @@ class Manifest(_Model):
     quality: QualityReport
     tool: ToolInfo
     created_at: str
+    distillation: DistillationRecord | None = Field(
+        default=None, description="set when the quantized checkpoint is a distilled student of another model"
+    )
 
     @property
     def variant_name(self) -> str:
@@ -154,7 +166,10 @@ class Manifest(_Model):
         return sum(entry.size for entry in self.files.values())
 
     def canonical_bytes(self) -> bytes:
-        return (json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=2) + "\n").encode()
+        # A manifest of a model that is not a student has no ``distillation`` key at all, so its bytes
+        # (and its artifact_id) are what they were before students existed.
+        skip = {"distillation"} if self.distillation is None else None
+        return (json.dumps(self.model_dump(mode="json", exclude=skip), sort_keys=True, indent=2) + "\n").encode()
 
     @property
     def artifact_id(self) -> str:

@@ -253,3 +253,29 @@ def plan(
         choice=choice,
         calibration=calibration,
     )
+
+
+def plan_variants(
+    profile: DeviceProfile,
+    workload: Workload | None,
+    candidates: list[tuple[VariantRecipe, ModelSpec]],
+    model: ModelSpec = Z_IMAGE_TURBO,
+    calibration: MemoryCalibration | None = None,
+) -> Plan:
+    """``plan`` for variants that are not all of one model: each candidate is sized by its own spec (a
+    distilled student has fewer parameters than its teacher). Rows and choice follow ``plan``'s order:
+    placement first, then quality rank; with one spec for all it gives ``plan``'s answer. ``model`` is
+    the release's full model, reported as the plan's model."""
+    workload = workload or Workload()
+    ranked = sorted(candidates, key=lambda candidate: candidate[0].quality_rank)
+    per_variant = [plan(profile, workload, spec, [recipe], calibration).rows for recipe, spec in ranked]
+    rows = [row for placement in PLACEMENT_ORDER for rows in per_variant for row in rows if row.placement is placement]
+    return Plan(
+        profile=profile,
+        workload=workload,
+        model=model,
+        dtype=profile.policy().dtype,
+        rows=rows,
+        choice=next((row for row in rows if row.fits), None),
+        calibration=calibration,
+    )

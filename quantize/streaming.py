@@ -260,7 +260,9 @@ def quantize_component(
                 quantized += backend.quantize(holder, recipe.qtype, include)
             writer.add({f"{unit_name}.{k.removeprefix(UNIT_HOLDER + '.')}": v for k, v in holder.state_dict().items()})
             for name, entry in backend.quantization_map(holder).items():
-                qmap[f"{unit_name}.{name.removeprefix(UNIT_HOLDER + '.')}"] = entry
+                # A unit that is itself a linear (a direct child of the component) maps under its own name.
+                inner = name.removeprefix(UNIT_HOLDER).removeprefix(".")
+                qmap[f"{unit_name}.{inner}" if inner else unit_name] = entry
             consumed.update(full_keys)
         del holder
         release_freed_memory()

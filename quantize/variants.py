@@ -121,6 +121,8 @@ class VariantRecipe:
             return ComponentRecipe(qtype=qtype, exclude=tuple(entry["exclude"]))
 
         known = VARIANTS.get(data["name"])
+        base = VARIANTS.get(data["name"].removeprefix(STUDENT_PREFIX))
+        rank = known.quality_rank if known else (student_rank(base) if base else len(VARIANTS))
         return cls(
             name=data["name"],
             description=data["description"],
@@ -128,7 +130,7 @@ class VariantRecipe:
             text_encoder=component("text_encoder"),
             vae=component("vae"),
             thresholds=QualityThresholds(**data["thresholds"]),
-            quality_rank=known.quality_rank if known else len(VARIANTS),
+            quality_rank=rank,
             storage_dtype=data["storage_dtype"],
         )
 
@@ -196,3 +198,25 @@ def get_variant(name: str) -> VariantRecipe:
         return VARIANTS[name]
     except KeyError:
         raise ValueError(f"unknown variant {name!r}; choose one of: {', '.join(VARIANTS)}") from None
+
+
+# A variant of a distilled student is named after the recipe it was quantized with: ``student-int8``.
+STUDENT_PREFIX = "student-"
+
+
+def student_rank(base: VariantRecipe) -> int:
+    """Students rank below every variant of the full model (a student trades quality for size), in the
+    order of their own recipes among themselves."""
+    return len(VARIANTS) + base.quality_rank
+
+
+def student_variant(base: VariantRecipe) -> VariantRecipe:
+    """The recipe ``base`` applied to a distilled student: same weight types and thresholds, its own name."""
+    if base.name.startswith(STUDENT_PREFIX):
+        return base
+    return replace(
+        base,
+        name=STUDENT_PREFIX + base.name,
+        description=f"distilled student, {base.description}",
+        quality_rank=student_rank(base),
+    )

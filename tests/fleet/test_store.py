@@ -17,11 +17,24 @@ from sqlalchemy import create_engine, text, update
 
 from fleet import schema as schema_module
 from fleet import store as store_module
-from fleet.rollout import Gates, NodePhase, RolloutSpec, RolloutStatus, SetDesired, Target, Telemetry, start, step
+from fleet.rollout import (
+    Gates,
+    NodePhase,
+    RolloutSpec,
+    RolloutStatus,
+    SetDesired,
+    Target,
+    Telemetry,
+    choose_variant,
+    start,
+    step,
+)
 from fleet.schema import SchemaVersionError, StoreError, database_url
 from fleet.store import Failure, Gap, Ingested, Store, TelemetrySample
+from quantize.distill.spec import student_spec
 from quantize.manifest import (
     ComponentInfo,
+    DistillationRecord,
     FileEntry,
     Manifest,
     PlannerRecord,
@@ -33,7 +46,8 @@ from quantize.manifest import (
     artifact_id,
 )
 from quantize.profiles import PROFILES
-from quantize.variants import VARIANTS
+from quantize.specs import Z_IMAGE_TURBO
+from quantize.variants import VARIANTS, student_variant
 
 
 class Clock:
@@ -399,3 +413,38 @@ def test_a_name_longer_than_its_column_is_refused_on_every_engine(store: Store, 
     with pytest.raises(StoreError, match="rollout name"):
         store.save_rollout(start("r" * 129, RolloutSpec(longest), {}, {}, clock.now))
     assert [release.name for release in store.list_releases()] == [longest]
+
+
+def _student(base: str, teacher: Manifest) -> Manifest:
+    """A student artifact's manifest (``student-<base>``): its own source (the student's directory), its
+    teacher recorded."""
+    made = manifest(base, model_id="shapes-student")
+    recipe = VariantRecord.model_validate(student_variant(VARIANTS[base]).to_dict())
+    record = DistillationRecord(
+        teacher_id=teacher.model_id, teacher_sha256=teacher.source.sha256, quality={},
+        components={
+            "transformer": {"recipe": {"keep": 2}, "teacher_layers": 4, "params": 945_856, "teacher_params": 1_242_496},
+            "text_encoder": {"recipe": {"layers": 2}, "params": 29_056, "teacher_params": 90_752},
+        },
+    )  # fmt: skip
+    return made.model_copy(update={"distillation": record, "variant": recipe})
+
+
+def test_a_release_carries_a_student_beside_its_teacher_and_the_smallest_node_gets_it(store: Store) -> None:
+    teacher = manifest("int4")
+    release = store.add_release("r1", [teacher, _student("int8", teacher)])
+    by_name = {record.variant: record.release_variant() for record in release.variants}
+    student = by_name["student-int8"].model
+    assert by_name["int4"].model is None  # the release's own model
+    assert student is not None
+    # 2 of 4 layers and a third of the text encoder stand for 15 of 30 layers and a third of Qwen3-4B.
+    assert student.transformer.total_params == student_spec(Z_IMAGE_TURBO, name="x", keep=15).transformer.total_params
+    assert student.text_encoder.total_params == round(Z_IMAGE_TURBO.text_encoder.total_params * 29_056 / 90_752)
+    variants = list(by_name.values())
+    assert choose_variant(PROFILES["jetson-orin-nano-8gb"].facts(), variants).variant == "student-int8"
+    assert choose_variant(PROFILES["t4-16gb"].facts(), variants).variant == "int4"
+    # A student of another model is refused like any artifact of another model.
+    other = _student("int4", manifest("int4", model_id="another-model"))
+    with pytest.raises(StoreError, match="different models"):
+        store.add_release("r2", [teacher, other])
+    assert store.get_release("r2") is None

@@ -179,6 +179,9 @@ def load_pipeline(
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    # A distilled text encoder is a class of this project; diffusers resolves such a class only from
+    # modules already imported (it never imports what a model directory names).
+    from zimage_edge.model import text_student  # noqa: F401
     from zimage_edge.model.guard import install_fp16_guard
 
     facts = facts or detect_device()

@@ -9,3 +9,6 @@ from pathlib import Path
 
 # The trained pipeline shipped with the package (diffusers layout, bf16 weights, a few MB).
 PRETRAINED = Path(__file__).parent / "pretrained"
+# Its distilled student (``zimage-edge distill``): half the transformer's main layers and a text encoder
+# of a third of the teacher's parameters, in the same layout, beside it.
+STUDENT = Path(__file__).parent / "student"
