@@ -12,7 +12,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,6 +182,32 @@ def _prepare(teacher: str | Path, out: Path, prompts_file: Path | None) -> tuple
     return teacher_dir, corpus_for(teacher_dir, prompts_file)
 
 
+def _run(
+    component: str, teacher: str | Path, out: Path, *, prompts_file: Path | None, work_dir: Path | None,
+    train: Callable[[Any, Sequence[str], Path], Any], summary: Callable[[Any, Any], dict[str, Any]],
+) -> StudentInfo:  # fmt: skip
+    """The steps both students share: the teacher and corpus, ``train`` (the recipe's distillation), the
+    loss curve, the component's record (``summary`` of the result and the teacher pipeline), the student's
+    quality against the teacher, and the student written to ``out``."""
+    out = Path(out)
+    teacher_dir, corpus = _prepare(teacher, out, prompts_file)
+    work = Path(work_dir) if work_dir else out.with_name(out.name + WORK_SUFFIX)
+    started = time.perf_counter()
+    teacher_pipe = load_teacher(teacher_dir)
+    info = teacher_identity(teacher_dir, str(teacher))
+    result = train(teacher_pipe, corpus.prompts, work)
+    write_loss_curve(work, f"{component.replace('_', '-')}-loss", result.losses)
+    student_pipe = with_component(teacher_pipe, component, result.student)
+    info.components[component] = {
+        **summary(result, teacher_pipe), "corpus": corpus.source,
+        "train_seconds": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+    info.quality = measure(reference_pipe(teacher_dir, info, teacher_pipe), student_pipe, corpus,
+                           (teacher_dir / SHAPES_MARKER).is_file())  # fmt: skip
+    save_student(student_pipe, out, info, teacher_dir)
+    return info
+
+
 def run_transformer(
     teacher: str | Path, out: Path, recipe: TransformerRecipe, *, prompts_file: Path | None = None,
     work_dir: Path | None = None, report: Report | None = None,
@@ -189,24 +215,18 @@ def run_transformer(
     """``zimage-edge distill transformer``: the whole recipe, written to ``out``."""
     from quantize.distill.transformer import distill_transformer
 
-    out = Path(out)
-    teacher_dir, corpus = _prepare(teacher, out, prompts_file)
-    work = Path(work_dir) if work_dir else out.with_name(out.name + WORK_SUFFIX)
-    started = time.perf_counter()
-    teacher_pipe = load_teacher(teacher_dir)
-    info = teacher_identity(teacher_dir, str(teacher))
-    result = distill_transformer(teacher_pipe, corpus.prompts, recipe, work, report)
-    write_loss_curve(work, "transformer-loss", result.losses)
-    student_pipe = with_component(teacher_pipe, "transformer", result.student)
-    info.components["transformer"] = {
-        **result.summary(recipe), "corpus": corpus.source, "train_seconds": round(time.perf_counter() - started, 1),
-        "params": sum(p.numel() for p in result.student.parameters()),
-        "teacher_params": sum(p.numel() for p in teacher_pipe.transformer.parameters()),
-    }  # fmt: skip
-    info.quality = measure(reference_pipe(teacher_dir, info, teacher_pipe), student_pipe, corpus,
-                           (teacher_dir / SHAPES_MARKER).is_file())  # fmt: skip
-    save_student(student_pipe, out, info, teacher_dir)
-    return info
+    def summary(result: Any, teacher_pipe: Any) -> dict[str, Any]:
+        return {
+            **result.summary(recipe),
+            "params": sum(p.numel() for p in result.student.parameters()),
+            "teacher_params": sum(p.numel() for p in teacher_pipe.transformer.parameters()),
+        }
+
+    def train(pipe: Any, prompts: Sequence[str], work: Path) -> Any:
+        return distill_transformer(pipe, prompts, recipe, work, report)
+
+    return _run("transformer", teacher, out, prompts_file=prompts_file, work_dir=work_dir, train=train,
+                summary=summary)  # fmt: skip
 
 
 def run_text_encoder(
@@ -216,23 +236,15 @@ def run_text_encoder(
     """``zimage-edge distill text-encoder``: the whole recipe, written to ``out``."""
     from quantize.distill.text_encoder import distill_text_encoder
 
-    out = Path(out)
-    teacher_dir, corpus = _prepare(teacher, out, prompts_file)
-    work = Path(work_dir) if work_dir else out.with_name(out.name + WORK_SUFFIX)
-    started = time.perf_counter()
-    teacher_pipe = load_teacher(teacher_dir)
-    info = teacher_identity(teacher_dir, str(teacher))
-    result = distill_text_encoder(teacher_pipe, corpus.prompts, recipe, work, report)
-    write_loss_curve(work, "text-encoder-loss", result.losses)
-    student_pipe = with_component(teacher_pipe, "text_encoder", result.student)
-    info.components["text_encoder"] = {
-        **result.summary(recipe, sum(p.numel() for p in teacher_pipe.text_encoder.parameters())),
-        "corpus": corpus.source, "train_seconds": round(time.perf_counter() - started, 1),
-    }  # fmt: skip
-    info.quality = measure(reference_pipe(teacher_dir, info, teacher_pipe), student_pipe, corpus,
-                           (teacher_dir / SHAPES_MARKER).is_file())  # fmt: skip
-    save_student(student_pipe, out, info, teacher_dir)
-    return info
+    def train(pipe: Any, prompts: Sequence[str], work: Path) -> Any:
+        return distill_text_encoder(pipe, prompts, recipe, work, report)
+
+    def summary(result: Any, teacher_pipe: Any) -> dict[str, Any]:
+        teacher_params = sum(p.numel() for p in teacher_pipe.text_encoder.parameters())
+        return dict(result.summary(recipe, teacher_params))
+
+    return _run("text_encoder", teacher, out, prompts_file=prompts_file, work_dir=work_dir, train=train,
+                summary=summary)  # fmt: skip
 
 
 __all__ = ["STUDENT_MARKER", "Corpus", "run_text_encoder", "run_transformer", "shapes_corpus"]
