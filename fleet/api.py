@@ -127,6 +127,10 @@ class _IngestCounters(Collector):
             "zimage_fleet_duplicates", "telemetry and events received again (stored once)",
             value=self.controller.duplicates,
         )  # fmt: skip
+        yield CounterMetricFamily(
+            "zimage_fleet_ingest_failures", "batches the database refused (their nodes send them again)",
+            value=self.controller.ingest_failures,
+        )  # fmt: skip
 
 
 class FleetMetrics:

@@ -218,9 +218,12 @@ async def _simulators(
             sys.executable, "-m", "fleet.simulate", "--nodes", str(count), "--offset", str(offset),
             "--port", str(broker.port), "--host", broker.host, "--interval-s", str(options.interval_s),
             "--profiles", ",".join(options.profiles), "--drain-s", str(options.drain_s), "--results", str(results),
-            "--ca-file", str(site.controllers[0].ca_file), "--passwords", str(site.passwords),
+            "--ca-file", str(site.controllers[0].ca_file), "--passwords", str(site.passwords), "--start-on-stdin",
         ]  # fmt: skip
-        procs.append((await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE), results))
+        proc = await asyncio.create_subprocess_exec(
+            *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        )
+        procs.append((proc, results))
         offset += count
     return procs
 
@@ -348,6 +351,10 @@ async def _run(options: ScaleOptions, artifacts: Sequence[Path], parts: Parts) -
 
             await _wait(registered, options.connect_timeout_s, f"{options.nodes} nodes registered")
             results["connect_s"] = time.monotonic() - started
+            for proc in sims:  # telemetry starts everywhere at once, on a registered fleet
+                assert proc.stdin is not None
+                proc.stdin.write(b"go\n")
+                await proc.stdin.drain()
             await asyncio.sleep(options.warmup_s)  # the measured window starts in steady state
 
             # Phase 2: steady telemetry.

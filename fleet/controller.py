@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy.exc import DBAPIError
 
 from fleet import rollout as ro
 from fleet.artifact_server import ArtifactCatalog
@@ -36,18 +37,19 @@ from fleet.protocol import (
     NodeState,
     ProtocolError,
     ReportedState,
-    StateDecision,
     Telemetry,
     TopicKind,
     Topics,
-    state_decision,
 )
-from fleet.store import Failure, Gap, Ingested, ReleaseRecord, Store, TelemetrySample
+from fleet.store import Failure, Gap, Ingested, ReleaseRecord, Report, StateChange, Store, TelemetrySample
 from quantize.manifest import SIGNATURE_NAME, Manifest, verify_artifact
 from zimage_edge.device import DeviceFacts
 from zimage_edge.errors import ZimageEdgeError
 
 log = logging.getLogger(__name__)
+# After a batch the database refused: a pause before the next, so that a database that is down is not
+# asked thousands of times a second.
+INGEST_RETRY_S = 0.5
 
 
 # The lease whose holder drives the rollouts (one replica at a time).
@@ -104,6 +106,7 @@ class Controller:
     # Since this process started: messages ingested by topic kind, and redelivered samples (stored once).
     ingested: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
+    ingest_failures: int = 0  # batches the database refused (see ``_receive``)
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.config.prefix)
@@ -309,7 +312,14 @@ class Controller:
         try:
             await self.mqtt.subscribe(self.subscriptions())
             self.subscribed.set()
-            await stop.wait()
+            stopping = asyncio.create_task(stop.wait(), name="controller-stop")
+            done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            for task in done - {stopping}:
+                # The ingest or the tick ended on its own: an error nobody handled. The controller stops
+                # with it (its supervisor starts it again) rather than run on without it.
+                task.result()
+                raise RuntimeError(f"{task.get_name()} ended")
         finally:
             for task in tasks:
                 task.cancel()
@@ -387,7 +397,17 @@ class Controller:
                     models.append(self.topics.decode(message.topic, message.payload).model)
                 except ProtocolError as exc:
                     drops[exc.reason] += 1
-            await self.ingest(models, drops)
+            try:
+                await self.ingest(models, drops)
+            except DBAPIError as exc:
+                # The database refused the batch (down, full, a failover): nothing of it was stored, so no
+                # ack moved, and each node sends its unacknowledged telemetry again (``resend_after_s``);
+                # births and reports come again with the node's next connection or report. The ingest
+                # goes on with the next batch rather than die.
+                self.ingest_failures += 1
+                log.error("ingest failed", extra={"event": "ingest_failed", "messages": len(batch),
+                                                  "error": str(exc.orig or exc)})  # fmt: skip
+                await asyncio.sleep(INGEST_RETRY_S)
 
     async def ingest(self, models: Sequence[object], drops: Counter[str] | None = None) -> None:
         """Store a batch of what nodes said (SQL, in a thread: never on the loop, one transaction for the
@@ -413,10 +433,11 @@ class Controller:
         self.store.count_drop("mqtt", reason, count)
 
     def _store_batch(self, models: Sequence[object], drops: Counter[str]) -> tuple[Ingested, bool]:
-        """Record one batch (in the ingest thread); returns what the outbox messages did, and whether a
-        node's state changed (a rollout may move)."""
+        """Record one batch (in the ingest thread, one transaction); returns what the outbox messages did,
+        and whether a node's state changed (a rollout may move)."""
         for reason, count in drops.items():
             self._drop(reason, count)
+        changes: list[StateChange | Report] = []
         samples: list[TelemetrySample] = []
         gaps: list[Gap] = []
         failures: list[Failure] = []
@@ -424,15 +445,14 @@ class Controller:
         for model in models:
             self.ingested[_KINDS.get(type(model), "other")] += 1
             if isinstance(model, NodeState):
-                wake |= self._store_state(model)
+                changes.append(StateChange(model.node, model.bd_seq, model.online))
             elif isinstance(model, ReportedState):
-                self.store.record_reported(
+                changes.append(Report(
                     model.node, generation=model.generation,
                     artifact=model.running.artifact_id if model.running else None, ready=model.health.ready,
                     health=model.health.reason, error=model.last_error,
                     facts=model.device.to_facts() if model.device else None, labels=model.labels,
-                )  # fmt: skip
-                wake = True
+                ))  # fmt: skip
             elif isinstance(model, Telemetry | Event):
                 kind = "telemetry" if isinstance(model, Telemetry) else "events"
                 samples.append(TelemetrySample(model.node, model.seq, model.model_dump(mode="json"), kind))
@@ -442,18 +462,10 @@ class Controller:
                         failures.append(Failure(model.node, model.generation, model.message))
                     if model.dropped_first is not None and model.dropped_last is not None:
                         gaps.append(Gap(model.node, model.dropped_first, model.dropped_last))
-        if not (samples or gaps or failures):
+        if not (changes or samples or gaps or failures):
             return Ingested(new=0, duplicates=0, acks={}), wake
-        return self.store.ingest(samples, gaps, failures), wake
-
-    def _store_state(self, model: NodeState) -> bool:
-        current = self.store.get_node(model.node)
-        decision = state_decision(current.bd_seq if current else None, model)
-        if decision is StateDecision.BIRTH:
-            self.store.record_birth(model.node, model.bd_seq)
-        elif decision is StateDecision.DEATH:
-            self.store.record_death(model.node, model.bd_seq)
-        else:
-            self._drop("late_will")
-            return False
-        return True
+        ingested = self.store.ingest(samples, gaps, failures, changes=changes)
+        if ingested.late_wills:
+            self._drop("late_will", ingested.late_wills)
+        # A late will changes nothing; every other birth, death or report may move a rollout.
+        return ingested, wake or len(changes) > ingested.late_wills

@@ -400,6 +400,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     await fleet.connect(args.connect_timeout_s)
     print(json.dumps({"ready": len(fleet.nodes), "connect_s": time.monotonic() - started}), flush=True)
+    if args.start_on_stdin:  # a benchmark starts every process's telemetry at once, after the fleet registered
+        await asyncio.to_thread(sys.stdin.readline)
     fleet.start_telemetry()
     await stop.wait()
     await fleet.stop_telemetry()
@@ -422,6 +424,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="device profiles, assigned round robin")  # fmt: skip
     parser.add_argument("--connect-timeout-s", type=float, default=120.0)
     parser.add_argument("--drain-s", type=float, default=60.0, help="how long to wait for the last acks")
+    parser.add_argument(
+        "--start-on-stdin",
+        action="store_true",
+        help="after connecting, wait for a line on standard input before telemetry starts",
+    )
     parser.add_argument("--results", type=Path, help="write the results here (JSON) instead of to stdout")
     parser.add_argument("--ca-file", type=Path, help="the broker's CA: connect over TLS")
     parser.add_argument("--passwords", type=Path, help="JSON file: node id -> password (user name = node id)")

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -34,7 +34,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from fleet import schema
 from fleet.rollout import NodeObservation, ReleaseVariant, RolloutState, RolloutStatus, Telemetry
@@ -60,6 +60,13 @@ from zimage_edge.device import DeviceFacts
 # Rows read per query while walking the ack watermark over a node's backlog: a node back from an
 # outage of hours at one message per second brings thousands; chunks keep the walk's memory flat.
 ACK_SCAN_CHUNK = 1000
+# PostgreSQL's deadlock_detected and serialization_failure: the transaction was rolled back whole and may
+# simply run again. A few tries: a victim waits out the other transaction, which then has its locks.
+RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+DEADLOCK_RETRIES = 3
+
+_T = TypeVar("_T")
+
 # The dialects whose ``insert`` has ``on_conflict_do_nothing``/``_do_update``.
 _INSERTS: dict[str, Callable[[Table], Any]] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
@@ -160,12 +167,36 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class StateChange:
+    """A node's birth (``online``) or death (its will or clean stop) with its connection's bd_seq."""
+
+    node: str
+    bd_seq: int
+    online: bool
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a node says it runs (its retained ``reported``)."""
+
+    node: str
+    generation: int
+    artifact: str | None
+    ready: bool
+    health: str | None = None
+    error: str | None = None
+    facts: DeviceFacts | None = None
+    labels: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
 class Ingested:
     """What one ``Store.ingest`` did."""
 
     new: int  # samples stored
     duplicates: int  # samples already stored (redelivered), not stored again
     acks: dict[str, int]  # node -> its ack watermark, for the nodes whose watermark moved
+    late_wills: int = 0  # deaths of an earlier connection of a node that has been born again: not applied
 
 
 @dataclass(frozen=True)
@@ -257,7 +288,10 @@ class Store:
     def record_birth(self, node: str, bd_seq: int) -> None:
         """The node connected: online, with this birth/death sequence."""
         with self.engine.begin() as conn:
-            self._upsert_node(conn, node, {"online": True, "bd_seq": bd_seq, "last_seen": self._clock()})
+            self._record_birth(conn, node, bd_seq)
+
+    def _record_birth(self, conn: Connection, node: str, bd_seq: int) -> None:
+        self._upsert_node(conn, node, {"online": True, "bd_seq": bd_seq, "last_seen": self._clock()})
 
     def record_death(self, node: str, bd_seq: int) -> bool:
         """The node's will (or clean stop): offline, unless ``bd_seq`` is not its current connection's.
@@ -268,17 +302,20 @@ class Store:
         holds with several controller replicas writing at once.
         """
         with self.engine.begin() as conn:
-            inserted = conn.execute(
-                self._insert(nodes)
-                .values(id=node, **{**self._node_defaults(), "bd_seq": bd_seq})
-                .on_conflict_do_nothing(index_elements=[nodes.c.id])
-                .returning(nodes.c.id)
-            ).first()
-            if inserted is not None:
-                return True
-            current = or_(nodes.c.bd_seq.is_(None), nodes.c.bd_seq == bd_seq)
-            result = conn.execute(update(nodes).where(nodes.c.id == node, current).values(online=False))
-            return result.rowcount == 1
+            return self._record_death(conn, node, bd_seq)
+
+    def _record_death(self, conn: Connection, node: str, bd_seq: int) -> bool:
+        inserted = conn.execute(
+            self._insert(nodes)
+            .values(id=node, **{**self._node_defaults(), "bd_seq": bd_seq})
+            .on_conflict_do_nothing(index_elements=[nodes.c.id])
+            .returning(nodes.c.id)
+        ).first()
+        if inserted is not None:
+            return True
+        current = or_(nodes.c.bd_seq.is_(None), nodes.c.bd_seq == bd_seq)
+        result = conn.execute(update(nodes).where(nodes.c.id == node, current).values(online=False))
+        return result.rowcount == 1
 
     def record_reported(
         self,
@@ -293,15 +330,20 @@ class Store:
         labels: Mapping[str, str] | None = None,
     ) -> None:
         """What the node says it runs (its retained ``reported``)."""
+        report = Report(node, generation, artifact, ready, health, error, facts, labels)
+        with self.engine.begin() as conn:
+            self._record_reported(conn, report)
+
+    def _record_reported(self, conn: Connection, report: Report) -> None:
         values: dict[str, Any] = {
-            "reported_generation": generation, "artifact": artifact, "ready": ready, "health": health,
-            "error": error,
+            "reported_generation": report.generation, "artifact": report.artifact, "ready": report.ready,
+            "health": report.health, "error": report.error,
         }  # fmt: skip
-        if facts is not None:
-            values["facts"] = facts.to_dict()
-        if labels is not None:
-            values["labels"] = dict(labels)
-        statement = self._insert(nodes).values(id=node, **{**self._node_defaults(), **values})
+        if report.facts is not None:
+            values["facts"] = report.facts.to_dict()
+        if report.labels is not None:
+            values["labels"] = dict(report.labels)
+        statement = self._insert(nodes).values(id=report.node, **{**self._node_defaults(), **values})
         new = statement.excluded
         # A new generation applied or another artifact running starts the gate readings afresh.
         changed = or_(
@@ -310,8 +352,7 @@ class Store:
         set_: dict[str, Any] = {**{key: new[key] for key in values}}
         set_["worst_error_rate"] = case((changed, None), else_=nodes.c.worst_error_rate)
         set_["worst_p95_ms"] = case((changed, None), else_=nodes.c.worst_p95_ms)
-        with self.engine.begin() as conn:
-            conn.execute(statement.on_conflict_do_update(index_elements=[nodes.c.id], set_=set_))
+        conn.execute(statement.on_conflict_do_update(index_elements=[nodes.c.id], set_=set_))
 
     def record_failure(self, node: str, generation: int, error: str) -> None:
         """The node gave up on ``generation`` (its failed event says why) and serves what it had."""
@@ -475,13 +516,35 @@ class Store:
             return len(self._insert_samples(conn, samples, self._clock()))
 
     def ingest(
-        self, samples: Sequence[TelemetrySample], gaps: Sequence[Gap] = (), failures: Sequence[Failure] = ()
+        self,
+        samples: Sequence[TelemetrySample],
+        gaps: Sequence[Gap] = (),
+        failures: Sequence[Failure] = (),
+        *,
+        changes: Sequence[StateChange | Report] = (),
     ) -> Ingested:
-        """One batch of what nodes sent through their outboxes, in one transaction: the samples (each
-        ``(node, seq)`` once), declared gaps, refusals, each node's latest telemetry, and the ack
-        watermarks moved over what is now stored. Returns the watermarks that moved (to publish)."""
-        received_at = self._clock()
-        with self.engine.begin() as conn:
+        """One batch of what nodes said. First the births, deaths and reports in ``changes`` (each node's
+        in the order they came), in one transaction: a fleet reconnecting at once (a broker restart) sends
+        a birth and a report per node, and a commit each would cost more than the rows themselves. Then,
+        in a second, what their outboxes sent: the samples (each ``(node, seq)`` once), declared gaps,
+        refusals, each node's latest telemetry, and the ack watermarks moved over what is now stored.
+        Returns the watermarks that moved (to publish) and the late wills refused.
+
+        Each transaction locks node rows in one pass in the order of their ids, so replicas ingesting at
+        once wait for each other rather than deadlock; PostgreSQL may still pick one as a deadlock victim
+        (index locks of new rows), and that transaction is run again (``DEADLOCK_RETRIES``)."""
+        for gap in gaps:  # checked before anything is written: a bad batch changes nothing
+            if gap.first > gap.last:
+                raise ValueError(f"gap {gap.first}..{gap.last} of {gap.node} is empty")
+        late_wills = 0
+        if changes:
+            ordered = sorted(changes, key=lambda change: change.node)  # stable: a node's own order is kept
+            late_wills = self._retrying(lambda conn: self._apply_changes(conn, ordered))
+        if not (samples or gaps or failures):
+            return Ingested(new=0, duplicates=0, acks={}, late_wills=late_wills)
+
+        def outbox(conn: Connection) -> Ingested:
+            received_at = self._clock()
             inserted = self._insert_samples(conn, samples, received_at)
             for gap in gaps:
                 self._record_gap(conn, gap)
@@ -489,7 +552,35 @@ class Store:
                 self._record_failure(conn, failure)
             self._update_latest(conn, [s for s in samples if (s.node, s.seq) in inserted], received_at)
             moved = self._advance_acks(conn, {s.node for s in samples} | {g.node for g in gaps})
-        return Ingested(new=len(inserted), duplicates=len(samples) - len(inserted), acks=moved)
+            return Ingested(new=len(inserted), duplicates=len(samples) - len(inserted), acks=moved,
+                            late_wills=late_wills)  # fmt: skip
+
+        return self._retrying(outbox)
+
+    def _apply_changes(self, conn: Connection, changes: Sequence[StateChange | Report]) -> int:
+        """Births, deaths and reports; returns how many deaths were late wills (not applied)."""
+        late_wills = 0
+        for change in changes:
+            if isinstance(change, Report):
+                self._record_reported(conn, change)
+            elif change.online:
+                self._record_birth(conn, change.node, change.bd_seq)
+            elif not self._record_death(conn, change.node, change.bd_seq):
+                late_wills += 1
+        return late_wills
+
+    def _retrying(self, work: Callable[[Connection], _T]) -> _T:
+        """``work`` in a transaction, run again when the database picked it as a deadlock victim or
+        failed it for serialization (it rolled back whole: running it again is safe)."""
+        for attempt in range(DEADLOCK_RETRIES + 1):
+            try:
+                with self.engine.begin() as conn:
+                    return work(conn)
+            except OperationalError as exc:
+                code = getattr(exc.orig, "sqlstate", None)
+                if code not in RETRYABLE_SQLSTATES or attempt == DEADLOCK_RETRIES:
+                    raise
+        raise AssertionError("unreachable")
 
     def _advance_acks(self, conn: Connection, touched: set[str]) -> dict[str, int]:
         """``_advance_ack`` for many nodes in a few queries (one batch touches up to every node of the

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from edge_agent.app import create_app
 from edge_agent.keys import RUNNER, STATE
@@ -146,6 +147,34 @@ async def test_messages_a_controller_never_stored_are_sent_again(fleet: Fleet, a
     fleet.controller_id = unique_id("ctl-new")  # a fresh session: the old one keeps what was queued for it
     await fleet.start_controller(aiohttp_server)
     await _until(lambda: _all_stored(fleet, made), "every seq, the ones stranded in the old session too")
+    assert fleet.node.counters.get("resent", 0) >= 1
+    assert fleet.store.telemetry_count(node_id) >= made
+
+
+@pytest.mark.parametrize("node_options", [{"resend_after_s": 0.5}])
+async def test_batches_the_database_refuses_are_counted_and_their_telemetry_comes_again(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database fails (a failover, a full disk): the controller's ingest goes on with the next batch,
+    and what the refused ones held is stored once the node sends it again."""
+    node_id = fleet.node.config.node_id
+    controller = fleet.controller
+    assert controller is not None
+    await _until(lambda: fleet.store.ack_watermark(node_id) >= 3, "telemetry to flow")
+    ingest, refused = fleet.store.ingest, []
+
+    def failing(*args: object, **kwargs: object) -> object:
+        if len(refused) < 5:  # the database is away for five batches
+            refused.append(args)
+            raise OperationalError("INSERT ...", {}, Exception("server closed the connection unexpectedly"))
+        return ingest(*args, **kwargs)
+
+    monkeypatch.setattr(fleet.store, "ingest", failing)
+    await _until(lambda: len(refused) == 5, "five refused batches")
+    made = fleet.produced()
+    await _until(lambda: _all_stored(fleet, made), "every seq of the refused batches, sent again")
+    assert controller.ingest_failures == 5
+    assert not fleet.task.done()  # the controller ran on
     assert fleet.node.counters.get("resent", 0) >= 1
     assert fleet.store.telemetry_count(node_id) >= made
 

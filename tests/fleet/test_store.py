@@ -30,7 +30,7 @@ from fleet.rollout import (
     step,
 )
 from fleet.schema import SchemaVersionError, StoreError, database_url
-from fleet.store import Failure, Gap, Ingested, Store, TelemetrySample
+from fleet.store import Failure, Gap, Ingested, Report, StateChange, Store, TelemetrySample
 from quantize.distill.spec import student_spec
 from quantize.manifest import (
     ComponentInfo,
@@ -286,6 +286,38 @@ def test_a_late_will_does_not_mark_a_reborn_node_offline(store: Store, clock: Cl
     n2 = store.get_node("n2")
     assert n2 is not None
     assert (n2.online, n2.bd_seq) == (False, 7)
+
+
+def test_births_deaths_and_reports_of_a_batch_apply_in_order_in_its_transaction(store: Store, clock: Clock) -> None:
+    """A fleet reconnecting at once: each node's birth and report, with telemetry, in one ``ingest``."""
+    facts = PROFILES["t4-16gb"].facts()
+    store.record_birth("n2", bd_seq=1)
+    changes = [
+        StateChange("n1", 1, online=True),
+        Report("n1", generation=2, artifact="a" * 64, ready=True, facts=facts, labels={"site": "berlin"}),
+        StateChange("n2", 2, online=True),
+        StateChange("n2", 1, online=False),  # the will of n2's earlier connection, after its rebirth
+        StateChange("n3", 1, online=True),
+        StateChange("n3", 1, online=False),  # n3 went away again: its own connection's death applies
+    ]
+    done = store.ingest([_agent("n1", 1, 0.0, 900.0)], changes=changes)
+    assert (done.new, done.acks, done.late_wills) == (1, {"n1": 1}, 1)
+    n1, n2, n3 = (store.get_node(n) for n in ("n1", "n2", "n3"))
+    assert n1 is not None
+    assert n2 is not None
+    assert n3 is not None
+    assert (n1.online, n1.bd_seq, n1.reported_generation, n1.facts, n1.labels) == (
+        True, 1, 2, facts, {"site": "berlin"})  # fmt: skip
+    assert n1.telemetry is not None
+    assert n1.telemetry.p95_ms == 900.0
+    assert (n2.online, n2.bd_seq) == (True, 2)
+    assert (n3.online, n3.bd_seq) == (False, 1)
+
+    # One transaction: a bad part (an empty gap) leaves every change of the batch unapplied.
+    with pytest.raises(ValueError, match="empty"):
+        store.ingest(samples("n4", 1), gaps=[Gap("n4", 5, 4)], changes=[StateChange("n4", 1, online=True)])
+    assert store.get_node("n4") is None
+    assert store.telemetry_count() == 1
 
 
 def test_reported_state_keeps_facts_and_labels(store: Store) -> None:
