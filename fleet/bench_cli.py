@@ -7,7 +7,9 @@
 The first is the scale run (steady telemetry, then a rollout to every node: ``fleet-scale.*``), the
 second the load sweep (ingest lag against offered load per setup, highest sustained load:
 ``fleet-load.*``). Each writes JSON, Markdown and a PNG plot to ``--out``; the sweep rewrites them
-after every point. Without ``--artifacts`` the release is the shipped shapes model, quantized first.
+after every point, and ``--append`` adds its points to the runs already there (a long sweep in parts,
+e.g. ``--intervals none --append`` for the big points alone). Without ``--artifacts`` the release is the
+shipped shapes model, quantized first.
 """
 
 from __future__ import annotations
@@ -39,9 +41,18 @@ def register(bench: argparse._SubParsersAction) -> None:
     fleet.add_argument("--bake", type=float, default=5.0, help="scale run: bake time of each rollout wave")
     fleet.add_argument("--max-unavailable", type=int, default=100, help="scale run: nodes installing at once")
     fleet.add_argument("--setups", default="sqlite/1,postgresql/1,postgresql/2", help="sweep: DATABASE/REPLICAS,...")
-    fleet.add_argument("--intervals", default="2,1,0.67,0.5", help="sweep: telemetry intervals (s), one point each")
+    fleet.add_argument(
+        "--intervals",
+        default="2,1,0.67,0.5",
+        help="sweep: telemetry intervals (s), one point each ('none': only the big points)",
+    )
     fleet.add_argument("--big-nodes", type=int, default=5000, help="sweep: then this many nodes at 1 msg/s (0: none)")
     fleet.add_argument("--big-setups", default="sqlite/1,postgresql/1,postgresql/2", help="sweep: setups of those")
+    fleet.add_argument(
+        "--append",
+        action="store_true",
+        help="sweep: add these points to the runs already in OUT/NAME.json (a long sweep in parts)",
+    )
     fleet.add_argument("--drain", type=float, default=120.0, help="seconds to wait for the last acks")
     fleet.add_argument("--artifacts", nargs="+", type=Path, help="release artifacts (default: the shapes model's)")
     fleet.add_argument("--out", type=Path, default=Path("out/bench"), help="where the results go")
@@ -60,6 +71,8 @@ def _setups(text: str) -> list[tuple[str, int]]:
 
 
 def _intervals(text: str) -> list[float]:
+    if text.strip() == "none":
+        return []
     try:
         values = [float(item) for item in text.split(",")]
     except ValueError:
@@ -102,10 +115,21 @@ def _cmd_bench_fleet(args: argparse.Namespace) -> int:
         raise UsageError("--nodes, --processes and --replicas must be at least 1")
     name = args.name or ("fleet-load" if args.sweep else "fleet-scale")
     points = sweep_points(args) if args.sweep else None  # bad setups are refused before anything runs
+    if points == []:
+        raise UsageError("the sweep has no points: give --intervals or --big-nodes")
+    earlier: list[dict[str, Any]] = []
+    if args.append:
+        if not args.sweep:
+            raise UsageError("--append adds to a sweep's results: use it with --sweep")
+        existing = args.out / f"{name}.json"
+        try:
+            earlier = list(json.loads(existing.read_text())["runs"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"--append: cannot read the runs of {existing}: {exc}") from None
 
     async def run(artifacts: list[Path]) -> None:
         if points is not None:
-            done: list[dict[str, Any]] = []
+            done: list[dict[str, Any]] = list(earlier)
 
             def save(result: dict[str, Any]) -> None:
                 done.append(result)

@@ -135,3 +135,42 @@ def test_bench_fleet_refuses_a_bad_setup_before_starting_anything(tmp_path: Path
     assert exited.value.code == 2
     assert "a setup is DATABASE/REPLICAS" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+
+
+def test_a_sweep_in_parts_appends_its_points_to_the_runs_already_written(
+    tiny_model_dir, artifacts, tmp_path: Path
+) -> None:
+    """A long sweep run in parts (``--append``): only the big points this time, after the earlier ones."""
+    out = tmp_path / "results"
+    out.mkdir()
+    committed = Path(__file__).parents[2] / "benchmarks" / "results" / "fleet-load.json"
+    earlier = json.loads(committed.read_text())["runs"][:2]
+    (out / "fleet-load.json").write_text(json.dumps({"runs": earlier}))
+    release = str(artifacts.get(tiny_model_dir, "int8"))
+    args = ["--sweep", "--setups", "sqlite/1", "--intervals", "none", "--big-nodes", "3", "--big-setups", "sqlite/1",
+            "--processes", "1", "--duration", "1", "--warmup", "0.2", "--drain", "60", "--out", str(out),
+            "--artifacts", release, "--append"]  # fmt: skip
+    assert bench_cli.main(args) == 0
+    runs = json.loads((out / "fleet-load.json").read_text())["runs"]
+    assert runs[:2] == earlier
+    assert len(runs) == 3
+    assert (runs[2]["options"]["nodes"], runs[2]["options"]["interval_s"]) == (3, 1.0)
+    assert runs[2]["delivery"]["lost"] == 0
+    assert (out / "fleet-load.md").read_text() == load_markdown(runs)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--intervals", "none", "--big-nodes", "0"], "the sweep has no points"),
+        (["--append"], "cannot read the runs of"),
+    ],
+)
+def test_a_sweep_with_nothing_to_run_or_nothing_to_append_to_is_refused(
+    tmp_path: Path, capsys, args: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        bench_cli.main(["--sweep", "--setups", "sqlite/1", "--out", str(tmp_path / "results"), *args])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
