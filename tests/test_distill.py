@@ -199,6 +199,8 @@ def test_distill_command_writes_a_student_that_quantize_takes(tiny_model_dir: Pa
     assert record["teacher_id"] == str(tiny_model_dir)
     assert len(record["components"]["transformer"]["selection"]["kept"]) == 1
     assert {"psnr_db_mean", "ssim_mean"} <= set(record["quality"])
+    for config in out.glob("*/config.json"):  # no path of the machine that made it
+        assert "_name_or_path" not in json.loads(config.read_text()), config
     assert main(argv) == 2  # the output exists: refused
 
     manifest = build_artifact(out, get_variant("int8"), tmp_path / "student-int8",

@@ -12,8 +12,8 @@ from zimage_edge.model.loading import load_pipeline
 from zimage_edge.shapes import PRETRAINED, STUDENT
 from zimage_edge.shapes.data import MARKER
 
-# Shape accuracy below the teacher's that the shipped student stays within (see the test).
-SHAPE_GAP = 0.15
+# Shape accuracy below the teacher's that the shipped student stays within: the issue's 10 points.
+SHAPE_GAP = 0.10
 
 
 def test_the_shipped_student_draws_what_it_is_asked_and_so_does_its_int8(tmp_path: Path) -> None:
@@ -35,9 +35,7 @@ def test_the_shipped_student_draws_what_it_is_asked_and_so_does_its_int8(tmp_pat
     assert student["all"]["samples"] == 90
     assert student["all"]["color_accuracy"] >= 0.90
     assert student["held_out"]["color_accuracy"] >= 0.90
-    # The issue asks for shape accuracy within 10 points of the teacher's; this student is 11-12 points
-    # below (0.61-0.62 against 0.733, benchmarks/distill.md), so the target is not met yet. The test
-    # holds the student to what it reaches, so that a regression shows.
+    # Within 10 points of the teacher's shape accuracy (measured: 0.722 against 0.733, benchmarks/distill.md).
     assert student["all"]["shape_accuracy"] >= teacher["shape_accuracy"] - SHAPE_GAP
 
     manifest = build_artifact(STUDENT, get_variant("int8"), tmp_path / "student-int8",

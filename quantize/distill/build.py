@@ -155,6 +155,12 @@ def save_student(pipe: Any, out: Path, info: StudentInfo, teacher_dir: Path) -> 
     try:
         pipe.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         pipe.to(torch.float32)
+        for config in tmp.glob("*/config.json"):
+            # Where each component was loaded from: a path of the machine that made the student, which
+            # means nothing where it is used (and would say where it was made).
+            data = json.loads(config.read_text())
+            if data.pop("_name_or_path", None) is not None:
+                config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         write_student_info(tmp, info)
         marker = teacher_dir / SHAPES_MARKER
         if marker.is_file():
