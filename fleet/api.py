@@ -131,6 +131,10 @@ class _IngestCounters(Collector):
             "zimage_fleet_ingest_failures", "batches the database refused (their nodes send them again)",
             value=self.controller.ingest_failures,
         )  # fmt: skip
+        yield CounterMetricFamily(
+            "zimage_fleet_tick_failures", "rollout ticks the database refused (the next tick asks again)",
+            value=self.controller.tick_failures,
+        )  # fmt: skip
 
 
 class FleetMetrics:

@@ -107,6 +107,7 @@ class Controller:
     ingested: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
     ingest_failures: int = 0  # batches the database refused (see ``_receive``)
+    tick_failures: int = 0  # ticks (lease, rollout steps) the database refused (see ``_tick``)
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.config.prefix)
@@ -353,12 +354,19 @@ class Controller:
             # Wakes that come during the pause are served by the step after it (the event stays set).
             await asyncio.sleep(self.config.min_step_interval_s)
             self._wake.clear()
-            await self._hold_lease()
-            await self._serve_new_releases()
-            if self.leader:
-                await self.step_rollouts()
-            else:
-                self.changed.set()
+            try:
+                await self._hold_lease()
+                await self._serve_new_releases()
+                if self.leader:
+                    await self.step_rollouts()
+                else:
+                    self.changed.set()
+            except DBAPIError as exc:
+                # The database is busy or away: this tick is skipped, the next one asks again. A lease
+                # that cannot be renewed lapses by this controller's own clock (``leader``), so no step
+                # runs on a lease another replica may have taken meanwhile.
+                self.tick_failures += 1
+                log.error("tick failed", extra={"event": "tick_failed", "error": str(exc.orig or exc)})
 
     @property
     def leader(self) -> bool:

@@ -179,6 +179,29 @@ async def test_batches_the_database_refuses_are_counted_and_their_telemetry_come
     assert fleet.store.telemetry_count(node_id) >= made
 
 
+async def test_ticks_the_database_refuses_are_skipped_and_the_lease_comes_back(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database is locked past its busy timeout when the tick renews the lease: that tick is skipped,
+    leadership lapses by the controller's own clock, and a later tick takes the lease again."""
+    controller = fleet.controller
+    assert controller is not None
+    await _until(lambda: controller.leader, "the lease")
+    acquire, refused = fleet.store.acquire_lease, []
+
+    def locked(*args: object, **kwargs: object) -> bool:
+        if len(refused) < 3:
+            refused.append(args)
+            raise OperationalError("INSERT INTO leases ...", {}, Exception("database is locked"))
+        return acquire(*args, **kwargs)
+
+    monkeypatch.setattr(fleet.store, "acquire_lease", locked)
+    controller._lease_renewed_at = -1e9  # due for renewal now (as after a lease time of lock waits)
+    await _until(lambda: len(refused) == 3 and controller.leader, "the lease after three refused ticks")
+    assert controller.tick_failures == 3
+    assert not fleet.task.done()
+
+
 async def test_a_restarted_controller_resumes_its_rollout(
     fleet: Fleet, aiohttp_server, tiny_model_dir, artifacts
 ) -> None:

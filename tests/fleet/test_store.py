@@ -288,8 +288,13 @@ def test_a_late_will_does_not_mark_a_reborn_node_offline(store: Store, clock: Cl
     assert (n2.online, n2.bd_seq) == (False, 7)
 
 
-def test_births_deaths_and_reports_of_a_batch_apply_in_order_in_its_transaction(store: Store, clock: Clock) -> None:
-    """A fleet reconnecting at once: each node's birth and report, with telemetry, in one ``ingest``."""
+@pytest.mark.parametrize("per_transaction", [2, store_module.CHANGES_PER_TRANSACTION])
+def test_births_deaths_and_reports_of_a_batch_apply_in_order(
+    store: Store, clock: Clock, monkeypatch: pytest.MonkeyPatch, per_transaction: int
+) -> None:
+    """A fleet reconnecting at once: each node's birth and report, with telemetry, in one ``ingest`` (its
+    changes written a few to a transaction: each node's in its order, whatever the chunks)."""
+    monkeypatch.setattr(store_module, "CHANGES_PER_TRANSACTION", per_transaction)
     facts = PROFILES["t4-16gb"].facts()
     store.record_birth("n2", bd_seq=1)
     changes = [
@@ -313,7 +318,7 @@ def test_births_deaths_and_reports_of_a_batch_apply_in_order_in_its_transaction(
     assert (n2.online, n2.bd_seq) == (True, 2)
     assert (n3.online, n3.bd_seq) == (False, 1)
 
-    # One transaction: a bad part (an empty gap) leaves every change of the batch unapplied.
+    # A bad part (an empty gap) is refused before anything of the batch is written.
     with pytest.raises(ValueError, match="empty"):
         store.ingest(samples("n4", 1), gaps=[Gap("n4", 5, 4)], changes=[StateChange("n4", 1, online=True)])
     assert store.get_node("n4") is None
