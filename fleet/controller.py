@@ -119,6 +119,9 @@ class Controller:
         self.subscribed = asyncio.Event()  # the broker has confirmed this controller's subscriptions
         self._lease_renewed_at: float | None = None
         self._releases_seen = -1
+        # Ack watermarks stored but not published yet (node -> seq), and the publisher's wake-up.
+        self._acks_due: dict[str, int] = {}
+        self._acks_ready = asyncio.Event()
         self.mqtt = MqttClient(
             self.config.mqtt_session(), f"controller-{self.config.controller_id}", will=self._will,
             on_connect=self._on_connect,
@@ -309,6 +312,7 @@ class Controller:
         tasks = [
             asyncio.create_task(self._receive(), name="controller-receive"),
             asyncio.create_task(self._tick(), name="controller-tick"),
+            asyncio.create_task(self._publish_acks(), name="controller-acks"),
         ]
         try:
             await self.mqtt.subscribe(self.subscriptions())
@@ -418,22 +422,36 @@ class Controller:
                 await asyncio.sleep(INGEST_RETRY_S)
 
     async def ingest(self, models: Sequence[object], drops: Counter[str] | None = None) -> None:
-        """Store a batch of what nodes said (SQL, in a thread: never on the loop, one transaction for the
-        outbox messages); publish the ack watermarks that moved; step rollouts if a node's state changed."""
+        """Store a batch of what nodes said (SQL, in a thread: never on the loop); hand the ack
+        watermarks that moved to the ack publisher; step rollouts if a node's state changed."""
         ingested, wake = await asyncio.to_thread(self._store_batch, models, drops or Counter())
         self.duplicates += ingested.duplicates
-        acks = [Ack(node=node, seq=seq) for node, seq in ingested.acks.items()]
-        results = await asyncio.gather(
-            *(self.mqtt.publish(*self.topics.outgoing(ack)) for ack in acks), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, MqttError):
-                await asyncio.to_thread(self._drop, f"ack_{result.reason}")
-            elif isinstance(result, BaseException):
-                raise result
+        for node, seq in ingested.acks.items():
+            self._acks_due[node] = max(seq, self._acks_due.get(node, 0))
+        if ingested.acks:
+            self._acks_ready.set()
         if wake:
             self._wake.set()  # telemetry alone waits for the tick: gates judge it over bake windows
         self.changed.set()
+
+    async def _publish_acks(self) -> None:
+        """Publish the ack watermarks that moved, apart from the ingest: the next batch is stored while
+        these wait for their PUBACKs, which come on the same connection behind whatever the broker is
+        sending this controller (under load, seconds of telemetry). Watermarks that moved again before
+        they went out are sent once, the highest: an ack per node per round, however far behind."""
+        while True:
+            await self._acks_ready.wait()
+            self._acks_ready.clear()
+            due, self._acks_due = self._acks_due, {}
+            acks = [Ack(node=node, seq=seq) for node, seq in due.items()]
+            results = await asyncio.gather(
+                *(self.mqtt.publish(*self.topics.outgoing(ack)) for ack in acks), return_exceptions=True
+            )
+            for result in results:
+                if isinstance(result, MqttError):
+                    await asyncio.to_thread(self._drop, f"ack_{result.reason}")
+                elif isinstance(result, BaseException):
+                    raise result
 
     def _drop(self, reason: str, count: int = 1) -> None:
         """Count messages dropped (blocking: SQL)."""
