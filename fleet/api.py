@@ -22,6 +22,7 @@ from fleet import rollout as ro
 from fleet.artifact_server import add_artifact_routes
 from fleet.auth import ApiToken, Role, TokenBook
 from fleet.controller import Controller
+from fleet.mqtt import COUNTER_REASONS
 from fleet.schema import NAME_LENGTH, StoreError
 from fleet.store import NodeRecord
 from quantize.manifest import ArtifactError
@@ -131,6 +132,15 @@ class _IngestCounters(Collector):
             "zimage_fleet_ingest_failures", "batches the database refused (their nodes send them again)",
             value=self.controller.ingest_failures,
         )  # fmt: skip
+        mqtt = CounterMetricFamily(
+            "zimage_fleet_mqtt_dropped", "messages the controller's MQTT client dropped or failed to send, by "
+            "reason (queue_full: received while the ingest was that far behind; the nodes send them again)",
+            labels=["reason"],
+        )  # fmt: skip
+        counted = self.controller.mqtt.counters
+        for reason in COUNTER_REASONS:
+            mqtt.add_metric([reason], counted.get(reason, 0))
+        yield mqtt
         yield CounterMetricFamily(
             "zimage_fleet_tick_failures", "rollout ticks the database refused (the next tick asks again)",
             value=self.controller.tick_failures,

@@ -4,9 +4,11 @@ returns (every seq once), a controller restart picks its rollout up, junk on the
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
@@ -177,6 +179,38 @@ async def test_batches_the_database_refuses_are_counted_and_their_telemetry_come
     assert not fleet.task.done()  # the controller ran on
     assert fleet.node.counters.get("resent", 0) >= 1
     assert fleet.store.telemetry_count(node_id) >= made
+
+
+@pytest.mark.parametrize("node_options", [{"resend_after_s": 0.5}])
+async def test_a_controller_far_behind_drops_at_its_queue_limit_and_the_nodes_fill_the_gap(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ingest stalls (a slow disk): what arrives past the client's queue limit is dropped and counted
+    on /metrics; once the ingest moves again the node's resends bring every seq."""
+    controller = fleet.controller
+    assert controller is not None
+    node_id = fleet.node.config.node_id
+    await _until(lambda: fleet.store.ack_watermark(node_id) >= 3, "telemetry to flow")
+    monkeypatch.setattr(controller.mqtt, "settings", controller.mqtt.settings.model_copy(update={"queue_limit": 2}))
+    ingest, slow = fleet.store.ingest, threading.Event()
+
+    def stalled(*args: object, **kwargs: object) -> object:
+        slow.wait(WAIT_S)
+        return ingest(*args, **kwargs)
+
+    monkeypatch.setattr(fleet.store, "ingest", stalled)
+    await _until(lambda: controller.mqtt.counters.get("queue_full", 0) >= 3, "messages dropped at the queue")
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": "Bearer t"}) as http,
+        http.get(f"http://127.0.0.1:{fleet.port}/metrics") as response,
+    ):
+        text = await response.text()
+    line = next(x for x in text.splitlines() if x.startswith('zimage_fleet_mqtt_dropped_total{reason="queue_full"}'))
+    assert float(line.split()[-1]) >= 3
+    slow.set()
+    made = fleet.produced()
+    await _until(lambda: _all_stored(fleet, made), "every seq, the dropped ones sent again")
+    assert fleet.node.counters.get("resent", 0) >= 1
 
 
 async def test_ticks_the_database_refuses_are_skipped_and_the_lease_comes_back(
