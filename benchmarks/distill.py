@@ -198,7 +198,8 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
         f"- color accuracy >= 0.90 on the 90 captions: {student['all']['color_accuracy']:.3f}, "
         f"{verdict(student['all']['color_accuracy'] >= 0.90)}; on the held-out captions: "
         f"{student['held_out']['color_accuracy']:.3f}, {verdict(student['held_out']['color_accuracy'] >= 0.90)};",
-        f"- shape accuracy within 10 points of the teacher's: {shape_gap * 100:.1f} points below, "
+        f"- shape accuracy within 10 points of the teacher's: {abs(shape_gap) * 100:.1f} points "
+        f"{'below' if shape_gap > 0 else 'above'}, "
         f"{verdict(shape_gap <= 0.10)};",
         f"- its int8 variant within 3 points of it (color and shape): {int8_gap * 100:.1f} points, "
         f"{verdict(int8_gap <= 0.03)}.",
