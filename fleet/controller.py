@@ -321,8 +321,8 @@ class Controller:
             done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
             stopping.cancel()
             for task in done - {stopping}:
-                # The ingest or the tick ended on its own: an error nobody handled. The controller stops
-                # with it (its supervisor starts it again) rather than run on without it.
+                # The ingest, the tick or the acks ended on its own: an error nobody handled. It stops
+                # the controller (its supervisor starts it again) rather than run on without it.
                 task.result()
                 raise RuntimeError(f"{task.get_name()} ended")
         finally:
