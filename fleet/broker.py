@@ -23,9 +23,9 @@ import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from fleet.security import BrokerLimits, BrokerSettings, PkiPaths, init_pki, write_broker_config
+from fleet.server_process import ServerProcess, terminate
 from zimage_edge.errors import ZimageEdgeError
 
 # Mosquitto accepts connections ~15 ms after start on an empty database (notes/infra.md); a database of
@@ -42,8 +42,6 @@ PORT_TRIES = 3
 # this long is asked again (a reload takes milliseconds; a lost signal would otherwise cost the timeout).
 SIGNAL_RELOAD = signal.SIGHUP
 RELOAD_RESIGNAL_S = 0.5
-# Lines of the broker's log quoted in an error.
-LOG_TAIL_LINES = 20
 # What Mosquitto (2.0.11, log_type information) logs when a SIGHUP makes it reload.
 RELOAD_LOG_LINE = "Reloading config."
 
@@ -96,7 +94,7 @@ def write_password_file(path: Path, users: Mapping[str, str], binary: str = "mos
     return path
 
 
-class MosquittoBroker:
+class MosquittoBroker(ServerProcess):
     """One Mosquitto process on ``host`` and a free port, with its config, data and log under ``workdir``.
 
     ``users`` (name -> password) turns anonymous access off; ``acl`` is the text of an ACL file; ``tls``
@@ -152,10 +150,6 @@ class MosquittoBroker:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     def start(self) -> MosquittoBroker:
         """Start the broker and return once its port accepts connections."""
@@ -242,20 +236,8 @@ class MosquittoBroker:
         except FileNotFoundError:
             return 0
 
-    def __enter__(self) -> MosquittoBroker:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log_file.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+    def _log_path(self) -> Path:
+        return self.log_file
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -339,7 +321,7 @@ class MosquittoBroker:
             )
         # Its own session also shields it from the owner's death: if the owner exits without stop()
         # (an uncaught exception, a script), this ends the broker at interpreter exit or collection.
-        weakref.finalize(self, _terminate, self._process)
+        weakref.finalize(self, terminate, self._process, STOP_TIMEOUT_S)
         deadline = time.monotonic() + self.start_timeout_s
         while True:
             if self._process.poll() is not None:
@@ -356,16 +338,6 @@ class MosquittoBroker:
                     f"mosquitto did not accept connections within {self.start_timeout_s} s:\n{self.log_tail()}"
                 )
             time.sleep(POLL_INTERVAL_S)
-
-
-def _terminate(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT_S)
 
 
 def _accepts(host: str, port: int) -> bool:

@@ -23,7 +23,6 @@ import time
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, text
@@ -31,6 +30,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
 from fleet.broker import free_port
+from fleet.server_process import ServerProcess, terminate
 from zimage_edge.errors import ZimageEdgeError
 
 # Where Debian/Ubuntu's ``postgresql-<ver>`` packages put the server binaries, one directory per version
@@ -50,8 +50,6 @@ POLL_INTERVAL_S = 0.01
 # A free port is found by binding port 0 and closing it; another process may take it before PostgreSQL
 # binds it. Three tries make that race irrelevant in practice (as for Mosquitto).
 PORT_TRIES = 3
-# Lines of the server's log quoted in an error.
-LOG_TAIL_LINES = 20
 # postmaster.pid's eighth line is the server's status; pg_ctl -w waits for this same word.
 PID_FILE_STATUS_LINE = 7
 # Database names made by create_database: plain identifiers, so that quoting them is never in question.
@@ -81,7 +79,7 @@ def _version_key(name: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", name))
 
 
-class PostgresServer:
+class PostgresServer(ServerProcess):
     """One PostgreSQL cluster in ``workdir`` (a fresh temporary directory, removed on stop, when None).
 
     ``user`` is the cluster's superuser, trusted without a password on loopback. ``url(database)`` is
@@ -126,10 +124,6 @@ class PostgresServer:
         """The postmaster's process id while it runs (its backends are its children)."""
         return self._process.pid if self.running and self._process is not None else None
 
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
     def start(self) -> PostgresServer:
         """Make the cluster (once) and return when the server accepts connections."""
         if self.running:
@@ -157,27 +151,13 @@ class PostgresServer:
             self._admin = None
         process, self._process = self._process, None
         if process is not None:
-            _terminate(process, timeout_s)
+            terminate(process, timeout_s, signal.SIGINT)
         if self._owned_dir and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
 
-    def __enter__(self) -> PostgresServer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        if self.workdir is None:  # never started, or stopped and its directory removed
-            return ""
-        try:
-            content = self.log_file.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(content.splitlines()[-lines:])
+    def _log_path(self) -> Path | None:
+        return None if self.workdir is None else self.log_file  # never started, or stopped and removed
 
     # -- databases --------------------------------------------------------------------------------
 
@@ -277,7 +257,7 @@ class PostgresServer:
             )
         self._process = process
         # If the owner exits without stop(), this ends the server at interpreter exit or collection.
-        weakref.finalize(self, _terminate, process, STOP_TIMEOUT_S)
+        weakref.finalize(self, terminate, process, STOP_TIMEOUT_S, signal.SIGINT)
         deadline = time.monotonic() + self.start_timeout_s
         while True:
             if process.poll() is not None:
@@ -287,7 +267,7 @@ class PostgresServer:
                 return
             if time.monotonic() > deadline:
                 self._process = None
-                _terminate(process, STOP_TIMEOUT_S)
+                terminate(process, STOP_TIMEOUT_S, signal.SIGINT)
                 raise PostgresError(
                     f"postgres did not accept connections within {self.start_timeout_s} s:\n{self.log_tail()}"
                 )
@@ -316,13 +296,3 @@ def _status(pid_file: Path) -> str | None:
     except FileNotFoundError:
         return None
     return lines[PID_FILE_STATUS_LINE].strip() if len(lines) > PID_FILE_STATUS_LINE else None
-
-
-def _terminate(process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout_s)
