@@ -9,15 +9,11 @@ and adds its component to the record, so "transformer then text encoder" makes o
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from quantize.distill.progress import Report, write_loss_curve
 from quantize.distill.recipe import (
@@ -145,23 +141,10 @@ def shapes_adherence(pipe: Any, seeds: Sequence[int] = (1000,)) -> dict[str, Any
 
 def save_student(pipe: Any, out: Path, info: StudentInfo, teacher_dir: Path) -> None:
     """Write the student pipeline (bf16 weights) and its records atomically."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    from zimage_edge.model.saving import save_pipeline
 
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        pipe.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
-        pipe.to(torch.float32)
-        for config in tmp.glob("*/config.json"):
-            # Where each component was loaded from: a path of the machine that made the student, which
-            # means nothing where it is used (and would say where it was made).
-            data = json.loads(config.read_text())
-            if data.pop("_name_or_path", None) is not None:
-                config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        write_student_info(tmp, info)
+    def records(directory: Path) -> None:
+        write_student_info(directory, info)
         marker = teacher_dir / SHAPES_MARKER
         if marker.is_file():
             summary = json.loads(marker.read_text())
@@ -170,13 +153,9 @@ def save_student(pipe: Any, out: Path, info: StudentInfo, teacher_dir: Path) -> 
                 summary["adherence"] = adherence["all"]
                 summary["adherence_held_out"] = adherence["held_out"]
             summary["distilled_from"] = info.teacher_id
-            (tmp / SHAPES_MARKER).write_text(json.dumps(summary, indent=2) + "\n")
-        for path in [tmp, *tmp.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            (directory / SHAPES_MARKER).write_text(json.dumps(summary, indent=2) + "\n")
+
+    save_pipeline(pipe, out, records)
 
 
 def _prepare(teacher: str | Path, out: Path, prompts_file: Path | None) -> tuple[Path, Corpus]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,37 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
         return None
     state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
     return state
+
+
+@dataclass
+class Run:
+    """What a resumable training run checkpoints besides its recipe and loss curves."""
+
+    student: Any
+    optimizer: Any
+    schedule: Any
+    generator: torch.Generator
+
+    def state(self, recipe: Any, step: int, losses: dict[str, list[float]], **extra: Any) -> dict[str, Any]:
+        """What a checkpoint holds: enough to continue the run exactly where it stopped."""
+        return {
+            "recipe": asdict(recipe), "step": step, "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+            "generator": self.generator.get_state(), "losses": losses, **extra,
+        }  # fmt: skip
+
+    def restore(self, checkpoint: dict[str, Any]) -> tuple[dict[str, list[float]], int]:
+        """Load ``state`` back into the run's objects; returns its loss curves and the step it reached."""
+        self.student.load_state_dict(checkpoint["student"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.schedule.load_state_dict(checkpoint["schedule"])
+        self.generator.set_state(checkpoint["generator"])
+        return checkpoint["losses"], int(checkpoint["step"])
+
+
+def check_recipe(checkpoint: dict[str, Any], recipe: Any, work_dir: Path) -> None:
+    if checkpoint["recipe"] != asdict(recipe):
+        raise ValueError(f"{work_dir} holds a checkpoint of another recipe; use a fresh work directory")
 
 
 def write_loss_curve(out: Path, name: str, curves: dict[str, list[float]], every: int = 10) -> None:

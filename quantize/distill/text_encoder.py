@@ -15,7 +15,15 @@ from typing import Any
 
 import torch
 
-from quantize.distill.progress import CHECKPOINT, Report, load_checkpoint, save_checkpoint, warmup
+from quantize.distill.progress import (
+    CHECKPOINT,
+    Report,
+    Run,
+    check_recipe,
+    load_checkpoint,
+    save_checkpoint,
+    warmup,
+)
 from quantize.distill.recipe import TextEncoderRecipe
 from zimage_edge.model.text_student import CaptionProjectedQwen3Model, caption_features, student_text_config
 
@@ -80,18 +88,13 @@ def distill_text_encoder(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=recipe.steps,
                                                    pct_start=warmup(recipe.steps))  # fmt: skip
     generator = torch.Generator().manual_seed(recipe.seed + 11)
+    run = Run(student, optimizer, schedule, generator)
     losses: dict[str, list[float]] = {"features": []}
     start = 0
     checkpoint = load_checkpoint(Path(work_dir) / CHECKPOINT)
     if checkpoint is not None:
-        if checkpoint["recipe"] != asdict(recipe):
-            raise ValueError(f"{work_dir} holds a checkpoint of another recipe; use a fresh work directory")
-        student.load_state_dict(checkpoint["student"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        schedule.load_state_dict(checkpoint["schedule"])
-        generator.set_state(checkpoint["generator"])
-        losses = checkpoint["losses"]
-        start = int(checkpoint["step"])
+        check_recipe(checkpoint, recipe, work_dir)
+        losses, start = run.restore(checkpoint)
     for step in range(start, recipe.steps):
         index = torch.randint(0, len(ids), (min(recipe.batch, len(ids)),), generator=generator)
         # The teacher's features are computed per batch: for a real corpus (thousands of prompts of 512
@@ -108,10 +111,7 @@ def distill_text_encoder(
         if report:
             report("text_encoder", step + 1, recipe.steps, losses["features"][-1])
         if (step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.steps:
-            save_checkpoint(Path(work_dir) / CHECKPOINT, {
-                "recipe": asdict(recipe), "step": step + 1, "student": student.state_dict(),
-                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "generator": generator.get_state(), "losses": losses,
-            })  # fmt: skip
+            state = run.state(recipe, step + 1, losses)
+            save_checkpoint(Path(work_dir) / CHECKPOINT, state)
     student.eval()
     return TextDistillation(student, losses, start)

@@ -18,7 +18,15 @@ import torch
 from torch.nn import functional as F
 
 from quantize.distill.layers import Selection, build_student, select_layers
-from quantize.distill.progress import CHECKPOINT, Report, load_checkpoint, save_checkpoint, warmup
+from quantize.distill.progress import (
+    CHECKPOINT,
+    Report,
+    Run,
+    check_recipe,
+    load_checkpoint,
+    save_checkpoint,
+    warmup,
+)
 from quantize.distill.recipe import TransformerRecipe
 from quantize.distill.trajectories import Trajectories, sample_trajectories, velocity
 
@@ -108,8 +116,7 @@ def distill_transformer(
     seeds = [recipe.seed * 100_003 + k for k in range(recipe.seeds_per_prompt)]
     data = teacher_trajectories(teacher_pipe, prompts, seeds, recipe)
     if checkpoint is not None:
-        if checkpoint["recipe"] != asdict(recipe):
-            raise ValueError(f"{work_dir} holds a checkpoint of another recipe; use a fresh work directory")
+        check_recipe(checkpoint, recipe, work_dir)
         selection = Selection(
             tuple(checkpoint["selection"]["kept"]),
             tuple((r["layer"], r["error"]) for r in checkpoint["selection"]["removals"]),
@@ -124,26 +131,19 @@ def distill_transformer(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=recipe.steps,
                                                    pct_start=warmup(recipe.steps))  # fmt: skip
     generator = torch.Generator().manual_seed(recipe.seed + 7)
+    run = Run(student, optimizer, schedule, generator)
     losses: dict[str, list[float]] = {"total": [], "velocity": [], "hidden": []}
     start = 0
     if checkpoint is not None:
-        student.load_state_dict(checkpoint["student"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        schedule.load_state_dict(checkpoint["schedule"])
-        generator.set_state(checkpoint["generator"])
-        losses = checkpoint["losses"]
-        start = int(checkpoint["step"])
+        losses, start = run.restore(checkpoint)
 
     # Sampling weights of the trajectory states (see ``TransformerRecipe.early_weight``).
     early = data.timesteps < data.timesteps.unique().sort().values[recipe.num_inference_steps // 2]
     draw = torch.where(early, recipe.early_weight, 1.0)
 
     def save(step: int) -> None:
-        save_checkpoint(Path(work_dir) / CHECKPOINT, {
-            "recipe": asdict(recipe), "selection": selection.to_dict(), "step": step,
-            "student": student.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "generator": generator.get_state(), "losses": losses,
-        })  # fmt: skip
+        state = run.state(recipe, step, losses, selection=selection.to_dict())
+        save_checkpoint(Path(work_dir) / CHECKPOINT, state)
 
     for step in range(start, recipe.steps):
         if recipe.early_weight == 1.0:

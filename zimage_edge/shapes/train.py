@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from zimage_edge.model.saving import save_pipeline
 from zimage_edge.model.toy import SCHEDULER_CONFIG, ToySize, build_toy_pipeline, toy_vae
 from zimage_edge.shapes.data import IMAGE_SIZE, MARKER, all_scenes, dataset
 from zimage_edge.shapes.evaluate import PROMPT_TOKENS, draw_scenes, score
@@ -211,27 +210,9 @@ def train_shapes(out_dir: Path, config: TrainConfig | None = None, report: Repor
         "train_seconds": round(time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
     }
-    save_pipeline(pipe, out_dir, summary)
+
+    def marker(directory: Path) -> None:
+        (directory / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
+
+    save_pipeline(pipe, out_dir, marker)
     return summary
-
-
-def save_pipeline(pipe: Any, out_dir: Path, summary: dict[str, Any]) -> None:
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        # bf16 on disk halves the files; loading casts to the device's compute dtype.
-        pipe.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
-        pipe.to(torch.float32)
-        (tmp / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
-        # mkdtemp and the safetensors writer make owner-only files; a model is read by services.
-        for path in [tmp, *tmp.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
