@@ -579,15 +579,15 @@ class Store:
     def _retrying(self, work: Callable[[Connection], _T]) -> _T:
         """``work`` in a transaction, run again when the database picked it as a deadlock victim or
         failed it for serialization (it rolled back whole: running it again is safe)."""
-        for attempt in range(DEADLOCK_RETRIES + 1):
+        for _ in range(DEADLOCK_RETRIES):
             try:
                 with self.engine.begin() as conn:
                     return work(conn)
             except OperationalError as exc:
-                code = getattr(exc.orig, "sqlstate", None)
-                if code not in RETRYABLE_SQLSTATES or attempt == DEADLOCK_RETRIES:
+                if getattr(exc.orig, "sqlstate", None) not in RETRYABLE_SQLSTATES:
                     raise
-        raise AssertionError("unreachable")
+        with self.engine.begin() as conn:  # the last try: whatever it raises is the caller's
+            return work(conn)
 
     def _advance_acks(self, conn: Connection, touched: set[str]) -> dict[str, int]:
         """``_advance_ack`` for many nodes in a few queries (one batch touches up to every node of the
